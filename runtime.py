@@ -1,0 +1,179 @@
+"""Where are we running, and where do models, data and outputs live?
+
+One small module so that notebooks, CLIs and tests agree on:
+- smoke mode (a tiny random model on the CPU; set ``LENGTHRL_SMOKE=1``, or automatic without a GPU),
+- local copies of the Hub assets (``GSM8K_DIR``, ``QWEN_TOKENIZER``, or a ``shared/`` folder beside the repo),
+- Colab specifics (Drive, secrets) and Weights & Biases without interactive prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+MODEL_ID = "Qwen/Qwen2.5-0.5B-Instruct"
+# Sentinel model name: a tiny randomly initialised Qwen2 with the real Qwen tokenizer (tests, smoke runs).
+TINY_MODEL = "tiny-random-qwen2"
+GSM8K_HUB_ID = "openai/gsm8k"
+
+_REPO_DIR = Path(__file__).resolve().parent
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def smoke_mode() -> bool:
+    """True when ``LENGTHRL_SMOKE`` is set to 1/true, or when it is unset and no CUDA GPU is present."""
+    value = os.environ.get("LENGTHRL_SMOKE", "").strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    if value:
+        raise ValueError(f"LENGTHRL_SMOKE must be 1 or 0, got {value!r}")
+    return not has_cuda()
+
+
+def _shared_candidates(name: str) -> list[Path]:
+    # ``shared/`` sits beside the repository in this project's workplace; notebooks may run from a
+    # sub-folder or from a copy of the repo, so also look upwards from the working directory.
+    roots = [_REPO_DIR, Path.cwd(), *Path.cwd().parents]
+    seen: list[Path] = []
+    for root in roots:
+        for candidate in (root / "shared" / name, root.parent / "shared" / name):
+            if candidate not in seen:
+                seen.append(candidate)
+    return seen
+
+
+def find_local(name: str, env_var: str, explicit: str | os.PathLike | None = None) -> Path | None:
+    """Resolve a local asset: explicit argument, then ``$env_var``, then ``shared/<name>``; else None.
+
+    An explicit path or environment variable that does not exist is an error (a typo must not silently
+    fall back to a download).
+    """
+    for source, value in (("argument", explicit), (env_var, os.environ.get(env_var))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"{source} points to {str(path)!r}, which does not exist")
+            return path
+    for candidate in _shared_candidates(name):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def gsm8k_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """Folder with GSM8K ``train.jsonl``/``test.jsonl``, or None to load ``openai/gsm8k`` from the Hub."""
+    return find_local("gsm8k", "GSM8K_DIR", explicit)
+
+
+def tokenizer_source(explicit: str | os.PathLike | None = None, model_name: str = MODEL_ID) -> str:
+    """Where to load the tokenizer from: a local folder when one is found, else the model's Hub id."""
+    local = find_local("qwen-tokenizer", "QWEN_TOKENIZER", explicit)
+    if local is not None:
+        return str(local)
+    if model_name == TINY_MODEL:
+        return MODEL_ID
+    return model_name
+
+
+def load_tokenizer(explicit: str | os.PathLike | None = None, model_name: str = MODEL_ID):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(explicit, model_name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_qwen2_config(vocab_size: int) -> Any:
+    """A 2-layer Qwen2 small enough to train on a laptop CPU in seconds (same architecture as the real one)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_qwen2(tokenizer, seed: int = 0):
+    """Deterministic tiny random Qwen2: the same seed always gives the same weights (train then re-evaluate)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    config = tiny_qwen2_config(len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def get_secret(name: str) -> str | None:
+    """A secret from the environment, else from Colab's secrets panel; None when absent or not granted."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    if in_colab():
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+
+            return userdata.get(name)
+        except Exception:  # SecretNotFoundError, NotebookAccessError, ...: treat as absent
+            return None
+    return None
+
+
+def setup_wandb(project: str = "length-rl-gsm8k") -> str:
+    """Configure Weights & Biases without ever prompting; returns the mode ("online" or "offline").
+
+    With a ``WANDB_API_KEY`` (environment or Colab secret) runs log online; otherwise offline, to be
+    synced later with ``wandb sync <run dir>/wandb/offline-run-*``.
+    """
+    os.environ.setdefault("WANDB_PROJECT", project)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    key = get_secret("WANDB_API_KEY")
+    if key and os.environ.get("WANDB_MODE", "") != "offline":
+        os.environ["WANDB_API_KEY"] = key
+        os.environ["WANDB_MODE"] = "online"
+    else:
+        os.environ["WANDB_MODE"] = "offline"
+    return os.environ["WANDB_MODE"]
+
+
+def output_dir(folder: str, save_to_drive: bool = False, drive_root: str = "MyDrive/length-rl") -> Path:
+    """Where a run writes: Google Drive when asked (mounted on demand in Colab), else ``outputs/<folder>``."""
+    if save_to_drive:
+        if not in_colab():
+            raise RuntimeError("save_to_drive=True needs Google Colab; set it to False to write to local disk")
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount("/content/drive")
+        path = Path("/content/drive") / drive_root / folder
+    else:
+        path = Path("outputs") / folder
+    path.mkdir(parents=True, exist_ok=True)
+    return path
