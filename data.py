@@ -1,7 +1,8 @@
 """GSM8K: loading (Hub or local jsonl), step counts, the training subset and the prompts.
 
-The step count of a solution is its number of lines before ``####``; it equals the number of
-sub-questions of the same problem in GSM8K's ``socratic`` config.
+The step count of a solution is its number of lines before ``####``, blank lines included; it equals the
+number of sub-questions of the same problem in GSM8K's ``socratic`` config (which gives a blank line a
+sub-question with an empty answer, e.g. test row 1042).
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def gold_answer(solution: str) -> str:
 
 
 def count_steps(solution: str) -> int:
-    """Number of non-empty solution lines before ``####``."""
-    return sum(1 for line in solution_body(solution).splitlines() if line.strip())
+    """Number of solution lines before ``####``, blank lines included (= socratic sub-question count).
+
+    Skipping blank lines would undercount 2 of the 1319 test rows against the socratic config and 4 train
+    rows against the data study (1961 instead of 1960 two-step questions).
+    """
+    return len(solution_body(solution).splitlines())
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -55,9 +60,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             missing = {"question", "answer"} - row.keys()
             if missing:
                 raise ValueError(f"{path}:{number}: missing field(s) {sorted(missing)}")
+            if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+                raise ValueError(f"{path}:{number}: 'question' and 'answer' must be strings")
+            if _FINAL_MARK not in row["answer"]:
+                raise ValueError(f"{path}:{number}: 'answer' has no '{_FINAL_MARK} <number>' line")
             rows.append({"question": row["question"], "answer": row["answer"]})
     return rows
 
@@ -106,7 +117,9 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
 
 
 def add_length_columns(dataset, tokenizer):
-    """Add ``reference_length`` (tokens of the raw solution text) and ``question_length`` (tokens of the question)."""
+    """Add ``reference_length`` and ``question_length``: token counts of the raw ``answer`` field (the whole
+    solution, ``#### N`` line included: the data study's answer length, see analysis.py) and of the question.
+    """
 
     def lengths(batch: dict[str, list]) -> dict[str, list[int]]:
         return {
@@ -123,9 +136,14 @@ def training_dataset(
     size: int | None = DEFAULT_TRAIN_SIZE,
     max_steps: int | None = DEFAULT_MAX_STEPS,
     seed: int = DEFAULT_SEED,
+    budget: str | None = None,
+    budget_in_prompt: bool = True,
 ):
     """The study's training set: train questions with at most ``max_steps`` steps, shuffled with ``seed``,
     the first ``size`` of them, as conversational prompts with ``answer`` and length columns for the rewards.
+
+    With a ``budget`` kind (``budgets.KINDS``) each row also gets its token budget as ``target_length`` (L1's
+    target), stated in the prompt as well unless ``budget_in_prompt=False``.
     """
     dataset = load_gsm8k("train", gsm8k_dir)
     if max_steps is not None:
@@ -136,7 +154,13 @@ def training_dataset(
             raise ValueError(f"size must be positive, got {size}")
         dataset = dataset.select(range(min(size, len(dataset))))
     dataset = add_length_columns(dataset, tokenizer)
-    return dataset.map(lambda row: {"prompt": prompt_messages(row["question"])})
+    if budget is None:
+        return dataset.map(lambda row: {"prompt": prompt_messages(row["question"])})
+    import budgets
+
+    dataset = dataset.add_column("target_length", budgets.compute_budgets(budget, dataset, tokenizer, gsm8k_dir))
+    return dataset.map(lambda row: {"prompt": prompt_messages(
+        row["question"], row["target_length"] if budget_in_prompt else None)})
 
 
 def test_dataset(tokenizer=None, gsm8k_dir: str | os.PathLike | None = None):
