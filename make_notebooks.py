@@ -165,8 +165,184 @@ stats = analysis.run_analysis(gsm8k_dir=GSM8K_DIR or None, tokenizer=TOKENIZER o
                     "light", ("analysis",), body)
 
 
+# The study's four runs: folder, method, title and what the method adds.
+STUDY_RUNS = (
+    ("Baseline", "baseline", "Baseline",
+     "GRPO with the format and correctness rewards only: the reference every length method is compared with."),
+    ("Ans_len_considering", "ans_len", "Method 1: answer-length considering",
+     "Adds a penalty for deviating from the reference solution's token length: "
+     "$r_i = -\\lambda\\,|o_i - o_i^{gt}| / \\max_j |o_j - o_j^{gt}|$ within each prompt's group."),
+    ("Group_method", "group", "Method 2: group method",
+     "Adds a penalty for excess length over the shortest *correct* completion of the prompt's group, scaled by "
+     "the group's accuracy $c$: $r_i = -\\lambda\\,c\\,\\max(0, o_i - o_{min}) / \\max_j \\max(0, o_j - o_{min})$."),
+    ("Group_method_with_ans_len_considering", "group_ans_len", "Methods 1 + 2",
+     "Adds both length penalties: the deviation from the reference length and the excess over the group's "
+     "shortest correct completion."),
+)
+ALL_METHODS = ("baseline", "ans_len", "group", "group_ans_len", "kimi", "grpo_lead", "l1_exact", "dapo_overlong",
+               "efficient_reasoning")
+
+
+def training_notebook(folder: str, method: str, title: str, about: str) -> Notebook:
+    methods = ", ".join(f'"{m}"' for m in ALL_METHODS)
+    body = [
+        markdown(f"""
+## Settings
+The defaults reproduce the study (Qwen2.5-0.5B-Instruct with LoRA, 4000 training questions of at most 5 steps,
+512 completion tokens, β = 0.005, `constant_with_warmup`, fixed seed) and fit a free 15 GB T4.
+`METHOD` may be any reward method of `rewards.METHODS`; the literature methods are described in README.md.
+
+**Never lose a run.** With `SAVE_TO_DRIVE` the run folder lives on Google Drive. Checkpoints are written every
+`SAVE_STEPS` steps; after a disconnect, run all cells again and training resumes from the latest checkpoint with the
+same data order. Weights & Biases logs online with a `WANDB_API_KEY` Colab secret, otherwise offline (see README.md
+to sync later); `PUSH_TO_HUB` uses the `HF_TOKEN` secret.
+
+{SMOKE_NOTE}"""),
+        code(f'''
+METHOD = "{method}"  # @param [{methods}]
+LAMBDA = 0.5  # @param {{type:"number"}}
+BACKEND = "auto"  # @param ["auto", "unsloth", "trl"]
+SAVE_TO_DRIVE = False  # @param {{type:"boolean"}}
+PUSH_TO_HUB = False  # @param {{type:"boolean"}}
+HUB_REPO = ""  # @param {{type:"string"}}
+LEARNING_RATE = 1e-5  # @param {{type:"number"}}
+NUM_GENERATIONS = 8  # @param {{type:"integer"}}
+MAX_COMPLETION_LENGTH = 512  # @param {{type:"integer"}}
+TRAIN_SIZE = 4000  # @param {{type:"integer"}}
+SAVE_STEPS = 50  # @param {{type:"integer"}}
+MAX_STEPS = 0  # @param {{type:"integer"}}
+SEED = 3407  # @param {{type:"integer"}}
+EVAL_LIMIT = 0  # @param {{type:"integer"}}
+''', form=True),
+        markdown("## Train\nPrints one line per completion at every step: ✔ correct, ★ right format but wrong "
+                 "answer, ✗ otherwise, with its length and reward; a rule separates the prompts' groups."),
+        code('''
+import training
+
+config = training.TrainConfig(
+    method=METHOD, lam=LAMBDA, backend=BACKEND, save_to_drive=SAVE_TO_DRIVE, push_to_hub=PUSH_TO_HUB,
+    hub_repo=HUB_REPO or None, learning_rate=LEARNING_RATE, num_generations=NUM_GENERATIONS,
+    max_completion_length=MAX_COMPLETION_LENGTH, train_size=TRAIN_SIZE, save_steps=SAVE_STEPS,
+    max_steps=MAX_STEPS or None, seed=SEED,
+)
+result = training.train(config)
+'''),
+        markdown("## Training curves\nReward, accuracy, mean length, efficiency and the length correlations per "
+                 "step, from the trainer's log history (no Weights & Biases needed)."),
+        code("training.plot_training_curves(result.output_dir);"),
+        markdown("## Evaluate the adapter on the GSM8K test split\nGreedy decoding, 512 new tokens; the "
+                 "per-question results and the summary are saved beside the adapter."),
+        code("summary = training.evaluate_adapter(result, limit=EVAL_LIMIT or None)"),
+    ]
+    intro = f"{about}\n\nOne of the study's four GRPO runs; `Eval_{folder}_GRPO.ipynb` re-evaluates the saved adapter."
+    return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", ("training",), body)
+
+
+def eval_notebook(folder: str, method: str, title: str, about: str) -> Notebook:
+    body = [
+        markdown(f"""
+## Settings
+`ADAPTER`: a Google Drive folder, a Hugging Face Hub repo id, or empty for the folder where
+`{folder}_GRPO.ipynb` saves its adapter (on Drive when `SAVE_TO_DRIVE` is ticked). Results already computed are
+only reported again unless `REDO` is ticked.
+
+{SMOKE_NOTE}"""),
+        code(f'''
+METHOD = "{method}"
+ADAPTER = ""  # @param {{type:"string"}}
+SAVE_TO_DRIVE = False  # @param {{type:"boolean"}}
+BACKEND = "auto"  # @param ["auto", "vllm", "unsloth", "hf"]
+EVAL_LIMIT = 0  # @param {{type:"integer"}}
+REDO = False  # @param {{type:"boolean"}}
+''', form=True),
+        markdown("## Evaluate\nAccuracy with its 95% interval, format accuracy, lengths, out-of-limit rate, "
+                 "efficiency and per-step buckets; then the paired comparison with the baseline when its results "
+                 "are present."),
+        code('''
+import training
+
+summary = training.evaluate_saved_run(METHOD, adapter=ADAPTER or None, save_to_drive=SAVE_TO_DRIVE,
+                                      limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
+'''),
+    ]
+    intro = f"Re-evaluates the LoRA adapter saved by `{folder}_GRPO.ipynb` ({title}). {about}"
+    return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", ("training",),
+                    body)
+
+
+def initial_evaluation() -> Notebook:
+    body = [
+        markdown(f"""
+## Settings
+The untrained `Qwen/Qwen2.5-0.5B-Instruct`, no adapter, on the 1319 GSM8K test questions (the study measured 9.55%
+accuracy, 66.34% format accuracy and 144.9 tokens). `BUDGET` optionally runs it under a hard length budget:
+`steps` (the step bucket's 97.5% trimmed max), `reference` (the reference solution's length) or `question`
+(question-length buckets), as a token limit, in the prompt, or both.
+
+{SMOKE_NOTE}"""),
+        code('''
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"  # @param {type:"string"}
+BACKEND = "auto"  # @param ["auto", "vllm", "hf"]
+EVAL_LIMIT = 0  # @param {type:"integer"}
+BUDGET = ""  # @param ["", "steps", "reference", "question"]
+BUDGET_MODE = "limit"  # @param ["limit", "prompt", "both"]
+REDO = False  # @param {type:"boolean"}
+''', form=True),
+        markdown("## Evaluate"),
+        code('''
+import evaluation
+
+config = evaluation.EvalConfig(model=MODEL, backend=BACKEND, limit=EVAL_LIMIT or None, budget=BUDGET or None,
+                               budget_mode=BUDGET_MODE, redo=REDO, output_dir="outputs/Initial_evaluation")
+summary = evaluation.evaluate(config)
+evaluation.print_summary(summary)
+'''),
+        markdown("## Response lengths"),
+        code("evaluation.plot_length_histogram(summary);"),
+    ]
+    return Notebook("Initial_evaluation.ipynb", "Initial evaluation: the untrained model",
+                    "Accuracy, format and length of Qwen2.5-0.5B-Instruct before any training, the study's "
+                    "starting point.", "full", ("evaluation",), body)
+
+
+def results_notebook() -> Notebook:
+    body = [
+        markdown(f"""
+## Settings
+`RUNS`: folders that hold run outputs (each run's `eval/eval_summary.json` and `eval_results.jsonl`), separated by
+commas: local folders or Google Drive folders (`/content/drive/MyDrive/...`, mounted on demand).
+
+{SMOKE_NOTE}"""),
+        code('''
+RUNS = "outputs"  # @param {type:"string"}
+OUT_DIR = "outputs/results"  # @param {type:"string"}
+''', form=True),
+        markdown("## Comparison\nOne row per run: accuracy ± 95% CI, format accuracy, mean length, out-of-limit "
+                 "rate, efficiency and training time, with the study's published numbers as reference rows; then "
+                 "each run paired with the baseline (accuracy difference with a bootstrap CI, McNemar's exact "
+                 "p-value, length difference). Then the accuracy–length Pareto chart, the length distributions and "
+                 "the per-step buckets."),
+        code('''
+import results
+
+report = results.report([path.strip() for path in RUNS.split(",") if path.strip()], out_dir=OUT_DIR)
+'''),
+    ]
+    return Notebook("Results.ipynb", "Results: comparing the methods honestly",
+                    "Loads the evaluation results of any number of runs and compares them, with confidence "
+                    "intervals and paired tests, against the baseline and the study's published numbers.",
+                    "full", ("results",), body)
+
+
 def notebooks() -> list[Notebook]:
-    return [data_analysis()]
+    """Every notebook, in the order a user runs them (CI executes them in this order)."""
+    return [
+        data_analysis(),
+        initial_evaluation(),
+        *(training_notebook(*run) for run in STUDY_RUNS),
+        *(eval_notebook(*run) for run in STUDY_RUNS),
+        results_notebook(),
+    ]
 
 
 def render(notebook: Notebook) -> str:
