@@ -1,0 +1,1619 @@
+r"""Evaluation on the 1319 GSM8K test questions, for every notebook and for training's final cells.
+
+One call runs a model (optionally with a LoRA adapter) on the test split, scores each completion with the
+scoring contract of ``rewards.py`` (so evaluation and reward never disagree), writes a per-question JSONL
+file and a summary JSON beside the adapter, and returns the summary::
+
+    summary = evaluation.evaluate(evaluation.EvalConfig(adapter="outputs/group/adapter"))
+    evaluation.print_summary(summary)           # "Accuracy: 9.55% (126 of 1319)" ...
+    evaluation.print_comparison(evaluation.compare_runs("outputs/baseline/eval", "outputs/group/eval"))
+
+Metrics (``compute_metrics``), over the questions evaluated:
+
+- accuracy: ``rewards.is_correct`` (the study's metric), with a Wilson 95% interval;
+- format accuracy: ``rewards.is_format_ok``; lenient accuracy (diagnostic only): ``rewards.lenient_answer``,
+  the last number anywhere in the completion, equals the gold number;
+- response length in generated tokens, counting the stop token when one was produced (as TRL's
+  ``completion_ids`` do for the length rewards): mean (normal 95% interval) and percentiles;
+- out-of-limit rate: completions with :math:`\mathrm{limit} - \mathrm{length} \le 3` (they hit their token
+  limit or ended within 3 tokens of it); the limit is the question's own, budgeted or not;
+- accuracy and mean length per step-count bucket (``2`` ... ``7``, ``8+``);
+- model efficiency: :math:`\sum_{i \in C} \mathrm{ref}_i \,/\, \sum_{i \in C} \mathrm{len}_i` over the set
+  :math:`C` of correctly answered questions, with :math:`\mathrm{ref}_i` the token length of the reference
+  solution (``data.add_length_columns``); None when nothing is correct.
+
+Generation uses the training prompt (``data.prompt_messages`` + ``data.render_prompt``), greedy decoding by
+default, at most 512 new tokens. Backends:
+
+- ``"vllm"``: ``vllm.LLM`` with a ``LoRARequest`` (where vLLM is installed);
+- ``"unsloth"``: an Unsloth model's ``fast_generate`` (vLLM inside) with its LoRA request (Colab);
+- ``"hf"``: this module's own Hugging Face decoder (``generate_token_ids``): a fixed-shape KV cache, one
+  slot per sequence, finished slots refilled at once with the next prompts (continuous batching), the
+  decode step replayed as a CUDA graph on GPUs; models it cannot drive fall back to ``"hf-generate"``;
+- ``"hf-generate"``: batched ``model.generate`` (prompts sorted by length, left padding, stop at EOS);
+- ``"auto"``: an Unsloth model passed in → ``"unsloth"``; any other model passed in → ``"hf"``; otherwise
+  ``"vllm"`` when installed with a GPU, else ``"hf"``. The choice and its reason are printed and saved.
+
+Comparing two runs (``compare_runs``): paired by question index; accuracy difference with a paired bootstrap
+95% interval, McNemar's exact test, mean length difference with a paired bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import data
+import rewards
+import runtime
+
+RESULTS_FILE = "eval_results.jsonl"
+SUMMARY_FILE = "eval_summary.json"
+BACKENDS = ("auto", "vllm", "unsloth", "hf", "hf-generate")
+BUDGET_MODES = ("limit", "prompt", "both")
+# A completion within this many tokens of its limit counts as out of limit (it was most likely cut off).
+OUT_OF_LIMIT_MARGIN = 3
+CONFIDENCE = 0.95
+DEFAULT_N_BOOT = 10_000
+PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
+# Step-count buckets: GSM8K test questions have 2 to 11 solution steps; 8 and more are few, so pooled.
+STEP_BUCKET_CAP = 8
+_SMOKE_BATCH = 32
+_MAX_AUTO_BATCH = 512
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter that is missing, is not an adapter, or does not fit the base model."""
+
+
+# ==================================================================================================
+# Configuration
+# ==================================================================================================
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What to evaluate and how; every field has a default that reproduces the study's evaluation.
+
+    ``model``: Hub id or local folder (or a ``.gguf`` file); ``runtime.TINY_MODEL`` means
+    ``runtime.build_tiny_qwen2(tokenizer, seed=0)``. ``adapter``: None, a local folder, a Google Drive folder
+    (``/content/drive/...`` or ``MyDrive/...``) or a Hub repo id. ``output_dir``: None → the adapter's folder
+    (local or Drive), else ``outputs/eval-<name>``. ``limit``: evaluate the first N questions (a seeded random
+    N with ``shuffle=True``). ``seed``: sampling (``temperature > 0``), subset shuffling and bootstrap.
+    ``budget``: a ``budgets.KINDS`` name; ``budget_mode`` ``"limit"`` caps each question's new tokens at its
+    budget, ``"prompt"`` adds "Use no more than N tokens." to the question, ``"both"`` does both.
+    ``redo``: run again even when results with the same settings exist.
+    """
+
+    model: str = runtime.MODEL_ID
+    adapter: str | None = None
+    backend: str = "auto"
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    batch_size: int | None = None
+    limit: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    output_dir: str | None = None
+    redo: bool = False
+    gsm8k_dir: str | None = None
+    tokenizer: str | None = None
+    budget: str | None = None
+    budget_mode: str = "limit"
+    dtype: str | None = None
+    load_in_4bit: bool = False
+    gpu_memory_utilization: float = 0.6
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget_mode must be one of {list(BUDGET_MODES)}, got {self.budget_mode!r}")
+        for name in ("max_new_tokens", "batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_new_tokens is None:
+            raise ValueError("max_new_tokens must be a positive integer, got None")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be None, 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not self.model:
+            raise ValueError("model must name a Hub id, a local folder or runtime.TINY_MODEL")
+
+
+def result_paths(output_dir: str | os.PathLike, budget: str | None = None,
+                 budget_mode: str = "limit") -> tuple[Path, Path]:
+    """(per-question JSONL, summary JSON) in ``output_dir``; budgeted runs get their own names."""
+    folder = Path(output_dir)
+    if budget is None:
+        return folder / RESULTS_FILE, folder / SUMMARY_FILE
+    tag = f"budget-{_slug(budget)}-{budget_mode}"
+    return folder / f"eval_results_{tag}.jsonl", folder / f"eval_summary_{tag}.json"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "run"
+
+
+# ==================================================================================================
+# Statistics
+# ==================================================================================================
+
+def _z(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    r"""Wilson score interval for a proportion of ``k`` successes in ``n`` trials.
+
+    .. math:: \frac{\hat p + \frac{z^2}{2n} \pm z\sqrt{\frac{\hat p(1-\hat p)}{n} + \frac{z^2}{4n^2}}}
+              {1 + \frac{z^2}{n}}, \qquad \hat p = k/n
+
+    with :math:`z` the normal quantile of ``(1 + confidence) / 2`` (1.96 for 95%).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer between 0 and n={n}, got {k!r}")
+    z = _z(confidence)
+    p = k / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    # At k = 0 (k = n) the bound is exactly 0 (1); say so instead of leaving a rounding residue.
+    low = 0.0 if k == 0 else max(0.0, center - half)
+    high = 1.0 if k == n else min(1.0, center + half)
+    return low, high
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    r"""Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (one run right, the other wrong).
+
+    Under the null hypothesis each discordant pair goes either way with probability 1/2:
+
+    .. math:: p = \min\Bigl(1,\ 2 \sum_{i=0}^{\min(b,c)} \binom{b+c}{i} 2^{-(b+c)}\Bigr)
+
+    computed with exact integers; 1.0 when there is no discordant pair.
+    """
+    for name, value in (("b", b), ("c", c)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                     confidence: float = CONFIDENCE) -> dict[str, float]:
+    r"""Paired bootstrap of the mean difference :math:`\bar b - \bar a` over paired observations.
+
+    Each of ``n_boot`` resamples draws the n pairs with replacement (the same indices for ``a`` and ``b``);
+    the interval is the percentile interval of the resampled differences. Returns ``estimate``, ``ci_low``,
+    ``ci_high``, ``n`` and ``n_boot``.
+    """
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"a and b must be paired 1-D sequences, got shapes {x.shape} and {y.shape}")
+    if x.size == 0:
+        raise ValueError("paired_bootstrap needs at least one pair")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    differences = y - x
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    n = differences.size
+    chunk = max(1, 2_000_000 // n)  # bound the index matrix to ~16 MB
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        indices = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = differences[indices].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"estimate": float(differences.mean()), "ci_low": float(low), "ci_high": float(high),
+            "n": int(n), "n_boot": int(n_boot)}
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    r"""(mean, low, high): normal interval :math:`\bar x \pm z\, s/\sqrt n` (sample standard deviation)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = _z(confidence) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ==================================================================================================
+# Scoring and metrics
+# ==================================================================================================
+
+def score_completion(text: str, gold: Any) -> dict[str, Any]:
+    """The per-question scores of one completion, all from ``rewards.py``'s scoring contract."""
+    lenient = rewards.lenient_answer(text)
+    gold_value = rewards.gold_number(gold)
+    return {
+        "extracted": rewards.extract_answer(text),
+        "correct": rewards.is_correct(text, gold),
+        "format_ok": rewards.is_format_ok(text),
+        "lenient": lenient,
+        "lenient_correct": lenient is not None and gold_value is not None
+        and abs(lenient - gold_value) <= rewards.TOLERANCE,
+    }
+
+
+def step_bucket(steps: int) -> str:
+    """The step-count bucket label: the count itself, or ``"8+"`` from ``STEP_BUCKET_CAP`` on."""
+    return f"{STEP_BUCKET_CAP}+" if steps >= STEP_BUCKET_CAP else str(int(steps))
+
+
+def is_out_of_limit(length: int, limit: int) -> bool:
+    """True when a completion hit its limit or ended within ``OUT_OF_LIMIT_MARGIN`` tokens of it."""
+    return limit - length <= OUT_OF_LIMIT_MARGIN
+
+
+def _proportion(k: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(k, n)
+    return {"value": k / n, "count": k, "n": n, "ci_low": low, "ci_high": high, "ci_method": "wilson"}
+
+
+def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every metric of the module docstring from per-question records (as written to the JSONL file).
+
+    Each record needs ``correct``, ``format_ok``, ``length``, ``steps``; ``lenient_correct``,
+    ``out_of_limit`` (else computed from ``limit``) and ``reference_length`` are used when present.
+    """
+    import numpy as np
+
+    if not records:
+        raise ValueError("no records to compute metrics from")
+    n = len(records)
+    lengths = [int(r["length"]) for r in records]
+    correct = [bool(r["correct"]) for r in records]
+    out_of_limit = [bool(r["out_of_limit"]) if "out_of_limit" in r else is_out_of_limit(r["length"], r["limit"])
+                    for r in records]
+    mean, low, high = mean_interval(lengths)
+    metrics: dict[str, Any] = {
+        "n": n,
+        "accuracy": _proportion(sum(correct), n),
+        "format_accuracy": _proportion(sum(bool(r["format_ok"]) for r in records), n),
+        "lenient_accuracy": _proportion(sum(bool(r.get("lenient_correct")) for r in records), n),
+        "out_of_limit_rate": _proportion(sum(out_of_limit), n),
+        "mean_length": {"value": mean, "ci_low": low, "ci_high": high, "ci_method": "normal"},
+        "length_percentiles": {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(lengths, PERCENTILES))},
+        "min_length": min(lengths),
+        "max_length": max(lengths),
+        "generated_tokens": sum(lengths),
+    }
+    metrics["length_percentiles"]["max"] = float(max(lengths))
+    right = [r for r, ok in zip(records, correct) if ok]
+    if right and all(r.get("reference_length") is not None for r in right):
+        response = sum(int(r["length"]) for r in right)
+        reference = sum(int(r["reference_length"]) for r in right)
+        metrics["model_efficiency"] = reference / response if response > 0 else None
+    else:
+        metrics["model_efficiency"] = None
+    buckets: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        buckets.setdefault(step_bucket(int(record["steps"])), []).append(record)
+    metrics["by_steps"] = []
+    for label in sorted(buckets, key=lambda s: int(s.rstrip("+"))):
+        group = buckets[label]
+        k = sum(bool(r["correct"]) for r in group)
+        low_b, high_b = wilson_interval(k, len(group))
+        metrics["by_steps"].append({
+            "steps": label, "n": len(group), "correct": k, "accuracy": k / len(group),
+            "ci_low": low_b, "ci_high": high_b,
+            "mean_length": math.fsum(int(r["length"]) for r in group) / len(group),
+        })
+    return metrics
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def format_count(name: str, metric: Mapping[str, Any]) -> str:
+    """``"Accuracy: 9.55% (126 of 1319)"``, the way the study prints counts."""
+    return f"{name}: {_percent(metric['value'])} ({metric['count']} of {metric['n']})"
+
+
+# ==================================================================================================
+# Files
+# ==================================================================================================
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write then rename, so an interrupted run never leaves a half file that looks complete.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def save_records(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write per-question records as JSON lines."""
+    path = Path(path)
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records))
+    return path
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-question records from a JSONL file, a summary JSON (its results file) or an output folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    elif path.suffix == ".json" and path.exists():
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        results = summary.get("files", {}).get("results")
+        if not results:
+            raise ValueError(f"{path} is not an evaluation summary (it names no results file)")
+        path = Path(results) if Path(results).is_absolute() else path.parent / Path(results).name
+    if not path.exists():
+        raise FileNotFoundError(f"no evaluation results at {str(path)!r}")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
+
+
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """An evaluation summary from its JSON file or from an output folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / SUMMARY_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no evaluation summary at {str(path)!r}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ==================================================================================================
+# Generation: this module's Hugging Face decoder (fixed-shape KV cache, continuous refill, CUDA graphs)
+# ==================================================================================================
+
+_ATTENTION_NAME = "lengthrl_static_kv"
+
+
+class _Unsupported(RuntimeError):
+    """The model cannot be driven by the static decoder (falls back to ``model.generate``)."""
+
+
+class _KVState:
+    """The KV buffers of every layer and what the attention function must do with them right now."""
+
+    def __init__(self, keys: list, values: list) -> None:
+        self.keys = keys
+        self.values = values
+        self.mode = "prefill"
+        self.rows = None  # prefill: the slots being filled
+        self.index = None  # decode: write positions expanded to [b, kv_heads, 1, head_dim]
+        self.mask = None  # decode: [b, 1, 1, S], True where a row may attend
+        self.calls = 0
+
+
+_ACTIVE_STATE: _KVState | None = None
+
+
+def _static_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                      scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """Attention over the slot KV buffers (a transformers ``AttentionInterface`` function).
+
+    Prefill: writes the prompt's keys/values into rows ``state.rows`` at positions ``0..P-1`` and attends
+    causally among them (right-padded prompts: padding sits after every real token, so causality alone keeps
+    it out). Decode (one token per row): writes each row's key/value at its own position, then attends over
+    the whole buffer under ``state.mask`` (``[b, 1, 1, S]``, True = visible). The ``attention_mask`` argument
+    is ignored: models build (or drop) masks differently, so the decoder hands its own mask over directly.
+    Query heads are grouped by their key/value head instead of repeating the keys, so grouped-query attention
+    reads each key once.
+    """
+    import torch.nn.functional as F
+
+    state = _ACTIVE_STATE
+    if state is None:
+        raise RuntimeError("the static-KV attention was called outside evaluation.generate_token_ids")
+    layer = module.layer_idx
+    state.calls += 1
+    if state.mode == "prefill":
+        length = key.shape[2]
+        state.keys[layer][state.rows, :, :length] = key
+        state.values[layer][state.rows, :, :length] = value
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2), None
+    b, heads, _, dim = query.shape
+    keys = state.keys[layer][:b]
+    values = state.values[layer][:b]
+    keys.scatter_(2, state.index, key)
+    values.scatter_(2, state.index, value)
+    kv_heads = keys.shape[1]
+    grouped = query.reshape(b, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=state.mask, scale=scaling)
+    return out.reshape(b, heads, 1, dim).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION_NAME, _static_attention)
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _eos_ids(model: Any = None, tokenizer: Any = None) -> list[int]:
+    ids: list[int] = []
+    sources = [getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+               getattr(tokenizer, "eos_token_id", None)]
+    for source in sources:
+        for value in (source if isinstance(source, (list, tuple)) else [source]):
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+    return ids
+
+
+def _trim(ids: Sequence[int], eos: Iterable[int], limit: int) -> list[int]:
+    """Tokens up to and including the first stop token, at most ``limit`` of them."""
+    stop = set(eos)
+    out: list[int] = []
+    for token in ids[:limit]:
+        out.append(int(token))
+        if token in stop:
+            break
+    return out
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def default_batch_size(model: Any, n_prompts: int, max_total_tokens: int) -> int:
+    """Slots for the decoder: on a GPU as many as fit a quarter of free memory (at most 512), else 32."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return max(1, min(n_prompts, _SMOKE_BATCH))
+    config = _causal_lm(model).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.finfo(next(model.parameters()).dtype).bits // 8
+    per_slot = 2 * config.num_hidden_layers * kv_heads * head_dim * max_total_tokens * element
+    per_slot += 3 * 4 * config.vocab_size  # float32 logits and sampling temporaries
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(n_prompts, _MAX_AUTO_BATCH, int(0.25 * free // per_slot)))
+
+
+class _StaticDecoder:
+    """Continuous-batching greedy/sampled decoding with a fixed-shape KV cache (see ``generate_token_ids``)."""
+
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], limits: Sequence[int], eos: Sequence[int],
+                 pad_id: int, temperature: float, batch_size: int, use_cuda_graphs: bool,
+                 check_every: int | None, prefill_tokens: int, profile: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.lm = _causal_lm(model)
+        config = self.lm.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise _Unsupported("logit soft-capping / scaling is not implemented by the static decoder")
+        if getattr(config, "use_sliding_window", False):
+            raise _Unsupported("sliding-window attention is not implemented by the static decoder")
+        if not getattr(type(self.lm), "_supports_attention_backend", False):
+            raise _Unsupported(f"{type(self.lm).__name__} does not use transformers' attention interface")
+        self.decoder = self.lm.get_decoder()
+        self.head = self.lm.get_output_embeddings()
+        if self.decoder is None or self.head is None:
+            raise _Unsupported("the model exposes no decoder / output embeddings")
+        parameter = next(self.lm.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.prompts, self.limits = [list(p) for p in prompts], [int(m) for m in limits]
+        self.eos_list, self.pad_id, self.temperature = list(eos), int(pad_id), float(temperature)
+        self.batch = max(1, min(batch_size, len(prompts)))
+        self.cuda = self.device.type == "cuda"
+        self.use_graphs = use_cuda_graphs and self.cuda
+        self.check_every = check_every or (8 if self.cuda else 1)
+        self.prefill_tokens = prefill_tokens
+        self.profile = profile
+        self.layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        # One fixed cache length for the whole run (a multiple of 64 keeps attention kernels aligned).
+        self.length = _round_up(max(len(p) + m for p, m in zip(self.prompts, self.limits)), 64)
+        self.max_new = max(self.limits)
+        B, S, dev = self.batch, self.length, self.device
+        shape = (B, kv_heads, S, head_dim)
+        self.state = _KVState([torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.layers)],
+                              [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.layers)])
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        long = dict(dtype=torch.long, device=dev)
+        self.tok = torch.zeros(B, **long)
+        self.pos = torch.zeros(B, **long)
+        self.n_gen = torch.zeros(B, **long)
+        self.limit = torch.ones(B, **long)
+        self.done = torch.ones(B, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(B, self.max_new, **long)
+        self.eos = torch.tensor(self.eos_list, **long)
+        self.positions = torch.arange(S, **long)
+        self.graphs: dict[int, Any] = {}
+        self.info: dict[str, Any] = {"method": "static", "batch_size": B, "cache_length": S,
+                                     "cuda_graphs": self.use_graphs, "graph_sizes": [], "prefill_calls": 0,
+                                     "decode_steps": 0, "slot_steps": 0, "capture_s": 0.0}
+
+    # -- profiling (``info={"profile": True}``: synchronises, so only for benchmarks) -------------------
+    def _clock(self) -> float:
+        if self.profile and self.cuda:
+            self.torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _account(self, key: str, mark: float) -> float:
+        now = self._clock()
+        if self.profile:
+            self.info[key] = self.info.get(key, 0.0) + now - mark
+        return now
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def _pick(self, logits: Any) -> Any:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        # Gumbel-max: argmax(logits/T + G) with G = -log(-log U) is an exact sample of softmax(logits/T),
+        # and unlike torch.multinomial it needs no host synchronisation (so it can live in a CUDA graph).
+        uniform = self.torch.rand_like(logits).clamp_(min=1e-20)
+        return (logits / self.temperature - self.torch.log(-self.torch.log(uniform))).argmax(-1)
+
+    def _stops(self, tokens: Any) -> Any:
+        return (tokens[:, None] == self.eos[None, :]).any(-1)
+
+    # -- prefill ------------------------------------------------------------------------------------
+    def _prefill(self, slots: list[int], questions: list[int]) -> None:
+        # Chunks of at most ``prefill_tokens`` padded tokens bound the activation memory.
+        start = 0
+        while start < len(slots):
+            longest = len(self.prompts[questions[start]])
+            count = max(1, min(len(slots) - start, self.prefill_tokens // max(1, longest)))
+            self._prefill_chunk(slots[start:start + count], questions[start:start + count])
+            start += count
+
+    def _prefill_chunk(self, slots: list[int], questions: list[int]) -> None:
+        torch = self.torch
+        lengths = [len(self.prompts[q]) for q in questions]
+        # A multiple of 32 (within the cache): fewer distinct shapes for the kernels and the allocator.
+        width = min(self.length, _round_up(max(lengths), 32))
+        ids = torch.full((len(slots), width), self.pad_id, dtype=torch.long)
+        for row, q in enumerate(questions):
+            ids[row, :lengths[row]] = torch.tensor(self.prompts[q], dtype=torch.long)
+        ids = ids.to(self.device)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        state = self.state
+        state.mode, state.rows, state.calls = "prefill", rows, 0
+        position_ids = torch.arange(width, device=self.device)[None, :].expand(len(slots), width)
+        if self.info["prefill_calls"] == 0:
+            # The first call probes the model: a forward patched to bypass the attention interface (Unsloth)
+            # may fail on these inputs, or silently ignore the KV buffers; either way, fall back.
+            try:
+                hidden = self.decoder(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
+            except Exception as error:
+                raise _Unsupported(f"{type(self.lm).__name__}'s forward failed in the static decoder "
+                                   f"({type(error).__name__}: {error})") from error
+        else:
+            hidden = self.decoder(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
+        if state.calls != self.layers:
+            raise _Unsupported(f"{type(self.lm).__name__}'s attention did not go through the attention "
+                               f"interface ({state.calls} of {self.layers} layers); is it patched (Unsloth)?")
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.head(hidden[torch.arange(len(slots), device=self.device), last]).float()
+        first = self._pick(logits)
+        limits = torch.tensor([self.limits[q] for q in questions], dtype=torch.long, device=self.device)
+        self.tok[rows] = first
+        self.pos[rows] = last + 1
+        self.n_gen[rows] = 1
+        self.limit[rows] = limits
+        self.out[rows, 0] = first
+        self.done[rows] = self._stops(first) | (limits <= 1)
+        self.info["prefill_calls"] += 1
+
+    # -- decode -------------------------------------------------------------------------------------
+    def _step(self, b: int) -> None:
+        """One token for rows ``0..b-1``; all bookkeeping stays on the device (no host synchronisation)."""
+        torch = self.torch
+        pos, tok, done, n_gen = self.pos[:b], self.tok[:b], self.done[:b], self.n_gen[:b]
+        state = self.state
+        state.mode = "decode"
+        state.index = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)
+        state.mask = (self.positions[None, :] <= pos[:, None]).view(b, 1, 1, self.length)
+        hidden = self.decoder(input_ids=tok.view(b, 1), position_ids=pos.view(b, 1), use_cache=False)[0]
+        nxt = self._pick(self.head(hidden[:, -1]).float())
+        active = ~done
+        column = n_gen.clamp(max=self.max_new - 1).view(b, 1)
+        out = self.out[:b]
+        out.scatter_(1, column, torch.where(active, nxt, out.gather(1, column).view(b)).view(b, 1))
+        counted = n_gen + active.long()
+        n_gen.copy_(counted)
+        done.logical_or_(active & (self._stops(nxt) | (counted >= self.limit[:b])))
+        tok.copy_(nxt)
+        pos.copy_((pos + 1).clamp(max=self.length - 1))
+
+    def _graph(self, b: int) -> Any:
+        """The decode step for ``b`` rows as a CUDA graph (captured once per size); None when unavailable."""
+        if not self.use_graphs:
+            return None
+        if b in self.graphs:
+            return self.graphs[b]
+        torch = self.torch
+        started = time.perf_counter()
+        saved = [t.clone() for t in (self.tok, self.pos, self.n_gen, self.done)]
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy initialisations must not happen during capture
+                    self._step(b)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(b)
+        except Exception as error:  # any capture failure: decode eagerly instead
+            warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly",
+                          stacklevel=2)
+            self.use_graphs = False
+            self.info["cuda_graphs"] = False
+            graph = None
+        finally:
+            # Warm-up steps wrote at the rows' current positions; restoring the counters makes the next real
+            # step overwrite exactly those cells.
+            for tensor, copy in zip((self.tok, self.pos, self.n_gen, self.done), saved):
+                tensor.copy_(copy)
+        self.info["capture_s"] += time.perf_counter() - started
+        if graph is not None:
+            self.graphs[b] = graph
+            self.info["graph_sizes"].append(b)
+        return graph
+
+    def _compact(self, active_rows: list[int], size: int) -> None:
+        """Move the active rows to ``0..len-1`` so a smaller (faster) decode step serves the tail."""
+        torch = self.torch
+        index = torch.tensor(active_rows, dtype=torch.long, device=self.device)
+        count = len(active_rows)
+        for tensor in [*self.state.keys, *self.state.values, self.tok, self.pos, self.n_gen, self.limit,
+                       self.done, self.out]:
+            tensor[:count] = tensor[index]
+        self.done[count:size] = True
+
+    def run(self, progress: Any = None) -> list[list[int]]:
+        global _ACTIVE_STATE
+        torch = self.torch
+        n = len(self.prompts)
+        # Longest prompts first: similar lengths are prefilled together, and memory peaks early.
+        queue = sorted(range(n), key=lambda q: -len(self.prompts[q]))
+        queue.reverse()  # pop() from the end
+        slot_question = [-1] * self.batch
+        # Upper bound on the steps each slot still needs (its limit; a stop token may end it sooner).
+        slot_left = [0] * self.batch
+        results: list[list[int] | None] = [None] * n
+        size = self.batch
+        min_size = min(self.batch, 8) if self.cuda else 1
+        refill_min = max(1, self.batch // 16) if self.cuda else 1
+        previous = _ACTIVE_STATE
+        _ACTIVE_STATE = self.state
+        try:
+            while True:
+                free = [s for s in range(size) if slot_question[s] < 0]
+                # Refill in groups (a prefill call has a fixed cost), but never leave the decoder idle.
+                if queue and free and (len(free) >= refill_min or len(free) == size):
+                    questions = [queue.pop() for _ in range(min(len(free), len(queue)))]
+                    slots = free[:len(questions)]
+                    for s, q in zip(slots, questions):
+                        slot_question[s], slot_left[s] = q, self.limits[q] - 1
+                    mark = self._clock()
+                    self._prefill(slots, questions)
+                    self._account("prefill_s", mark)
+                active = [s for s in range(size) if slot_question[s] >= 0]
+                if not active:
+                    break
+                # Once nothing is queued, shrink to the active rows whenever they fill half the slots or less:
+                # sizes at least halve each time, so only a few CUDA graphs are ever captured.
+                if not queue and len(active) <= size // 2 and size > min_size:
+                    new_size = max(min_size, _round_up(len(active), 8) if self.cuda else len(active))
+                    if new_size < size:
+                        self._compact(active, size)
+                        moved = [slot_question[s] for s in active]
+                        slot_question = moved + [-1] * (self.batch - len(moved))
+                        left = [slot_left[s] for s in active]
+                        slot_left = left + [0] * (self.batch - len(left))
+                        size = new_size
+                graph = self._graph(size)
+                # Check again after ``check_every`` steps, or as soon as some slot must have reached its limit.
+                steps = max(1, min(self.check_every, min(slot_left[s] for s in active)))
+                mark = self._clock()
+                for _ in range(steps):
+                    if graph is not None:
+                        graph.replay()
+                    else:
+                        self._step(size)
+                for s in active:
+                    slot_left[s] -= steps
+                self.info["decode_steps"] += steps
+                self.info["slot_steps"] += steps * size
+                done = self.done[:size].cpu().tolist()
+                mark = self._account("decode_s", mark)
+                finished = [s for s in range(size) if done[s] and slot_question[s] >= 0]
+                if finished:
+                    index = torch.tensor(finished, dtype=torch.long, device=self.device)
+                    counts = self.n_gen[index].cpu().tolist()
+                    tokens = self.out[index].cpu().tolist()
+                    for s, count, row in zip(finished, counts, tokens):
+                        q = slot_question[s]
+                        results[q] = _trim(row[:count], self.eos_list, self.limits[q])
+                        slot_question[s] = -1
+                    if progress is not None:
+                        progress.update(len(finished))
+                self._account("host_s", mark)
+        finally:
+            _ACTIVE_STATE = previous
+        return [r if r is not None else [] for r in results]
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str):
+    config = _causal_lm(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+@contextlib.contextmanager
+def _cpu_threads(model: Any):
+    """One CPU thread for small models (under 200M parameters: smoke runs, SmolLM2-135M): their operations are
+    so small that synchronising threads costs more than the work; on a busy 2-core machine, 2 threads made
+    SmolLM2's decoding 12 times slower than 1 (115 s against 9.6 s)."""
+    import torch
+
+    parameter = next(model.parameters())
+    tiny = parameter.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 200_000_000
+    previous = torch.get_num_threads()
+    if tiny:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if tiny:
+            torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: Any):
+    import torch
+
+    devices = [device] if getattr(device, "type", None) == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _generate_static(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int], pad_id: int,
+                     temperature: float, seed: int, batch_size: int, progress: Any, use_cuda_graphs: bool,
+                     check_every: int | None, prefill_tokens: int, info: dict[str, Any]) -> list[list[int]]:
+    import torch
+
+    _register_attention()
+    decoder = _StaticDecoder(model, prompts, limits, eos, pad_id, temperature, batch_size, use_cuda_graphs,
+                             check_every, prefill_tokens, profile=bool(info.get("profile")))
+    try:
+        with _attention_implementation(model, _ATTENTION_NAME), _eval_mode(model), torch.inference_mode(), \
+                _seeded(seed, decoder.device):
+            return decoder.run(progress)
+    finally:
+        info.update(decoder.info)
+
+
+def _generate_with_generate(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int],
+                            pad_id: int, temperature: float, seed: int, batch_size: int, progress: Any,
+                            info: dict[str, Any]) -> list[list[int]]:
+    """Batched ``model.generate``: prompts sorted by length, left padding, stop at EOS."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda q: -len(prompts[q]))
+    results: list[list[int]] = [[] for _ in prompts]
+    info.update({"method": "generate", "batch_size": batch_size, "cuda_graphs": False})
+    with _eval_mode(model), torch.inference_mode(), _seeded(seed, device):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(prompts[q]) for q in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, q in enumerate(batch):
+                ids[row, width - len(prompts[q]):] = torch.tensor(prompts[q], dtype=torch.long)
+                mask[row, width - len(prompts[q]):] = 1
+            max_new = max(limits[q] for q in batch)
+            # Every knob explicit and use_model_defaults=False: Qwen's generation_config.json would otherwise
+            # bring in repetition_penalty=1.05, top_k=20, top_p=0.8 and change what "greedy" means.
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+                if temperature > 0 else {"do_sample": False}
+            config = GenerationConfig(
+                max_new_tokens=max_new, repetition_penalty=1.0, num_beams=1, pad_token_id=pad_id,
+                eos_token_id=list(eos) if eos else None, min_new_tokens=0 if eos else max_new, **sampling,
+            )
+            output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    generation_config=config, use_model_defaults=False)
+            for row, q in enumerate(batch):
+                results[q] = _trim(output[row, width:].tolist(), eos, limits[q])
+            if progress is not None:
+                progress.update(len(batch))
+    return results
+
+
+def generate_token_ids(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 512,
+                       *, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+                       temperature: float = 0.0, seed: int = 0, batch_size: int | None = None,
+                       method: str = "auto", use_cuda_graphs: bool = True, check_every: int | None = None,
+                       prefill_tokens: int = 32_768, progress: bool = False, desc: str = "Generating",
+                       info: dict[str, Any] | None = None) -> list[list[int]]:
+    """Generate completions for tokenized prompts with a transformers model; returns the new token ids.
+
+    Each result holds the tokens up to and including the first stop token (``eos_token_ids``; default: the
+    model's generation-config and tokenizer EOS ids; ``[]``: never stop early), at most that prompt's
+    ``max_new_tokens`` (an int, or one per prompt). Greedy when ``temperature == 0``, else sampled from
+    ``softmax(logits / temperature)`` with nothing else (no top-k/top-p/repetition penalty).
+
+    ``method``: ``"static"`` (this module's decoder: ``batch_size`` slots of a fixed-shape KV cache, each
+    finished slot refilled with the next prompt, longest prompts first; the decode step is a CUDA graph on
+    GPUs; the tail of the run is compacted into fewer slots), ``"generate"`` (batched ``model.generate``),
+    or ``"auto"`` (static, falling back to generate when the model's attention is not transformers'
+    standard interface, e.g. patched by Unsloth). ``info`` (a dict) receives what ran.
+    """
+    if method not in ("auto", "static", "generate"):
+        raise ValueError(f"method must be 'auto', 'static' or 'generate', got {method!r}")
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in
+                                                                                            max_new_tokens]
+    if len(limits) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(limits)} entries but there are {len(prompts)} prompts")
+    if any(m < 1 for m in limits):
+        raise ValueError("max_new_tokens must be at least 1 for every prompt")
+    eos = _eos_ids(model) if eos_token_ids is None else [int(e) for e in eos_token_ids]
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    total = max(len(p) + m for p, m in zip(prompts, limits))
+    if batch_size is None:
+        batch_size = default_batch_size(model, len(prompts), total)
+    info = {} if info is None else info
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc, unit="question")
+    with _cpu_threads(model):
+        return _generate(model, prompts, limits, eos, pad_token_id, temperature, seed, batch_size, method, bar,
+                         use_cuda_graphs, check_every, prefill_tokens, info)
+
+
+def _generate(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int], pad_token_id: int,
+              temperature: float, seed: int, batch_size: int, method: str, bar: Any, use_cuda_graphs: bool,
+              check_every: int | None, prefill_tokens: int, info: dict[str, Any]) -> list[list[int]]:
+    try:
+        if method in ("auto", "static"):
+            try:
+                return _generate_static(model, prompts, limits, eos, pad_token_id, temperature, seed,
+                                        batch_size, bar, use_cuda_graphs, check_every, prefill_tokens, info)
+            except _Unsupported as reason:
+                if method == "static":
+                    raise ValueError(f"the static decoder cannot run this model: {reason}") from None
+                info["fallback_reason"] = str(reason)
+                print(f"Static decoder unavailable ({reason}); using model.generate", flush=True)
+                if bar is not None:
+                    bar.reset()
+        return _generate_with_generate(model, prompts, limits, eos, pad_token_id, temperature, seed,
+                                       batch_size, bar, info)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ==================================================================================================
+# Generation: vLLM and Unsloth
+# ==================================================================================================
+
+def _sampling_params(limits: list[int], eos: list[int], temperature: float, seed: int) -> list[Any]:
+    from vllm import SamplingParams
+
+    return [SamplingParams(n=1, temperature=temperature, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                           max_tokens=m, stop_token_ids=list(eos), seed=seed + i if temperature > 0 else None,
+                           detokenize=False)
+            for i, m in enumerate(limits)]
+
+
+def _vllm_outputs(outputs: Sequence[Any], eos: list[int], limits: list[int]) -> list[list[int]]:
+    return [_trim(list(o.outputs[0].token_ids), eos, m) for o, m in zip(outputs, limits)]
+
+
+def _lora_rank(adapter_dir: Path | None) -> int:
+    if adapter_dir is None:
+        return 16
+    rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16))
+    return next(size for size in (8, 16, 32, 64, 128, 256, 512) if size >= rank)
+
+
+def _generate_vllm(config: EvalConfig, prompts: list[list[int]], limits: list[int], eos: list[int],
+                   adapter_dir: Path | None, info: dict[str, Any]) -> list[list[int]]:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    total = max(len(p) + m for p, m in zip(prompts, limits))
+    llm = LLM(model=config.model, dtype=config.dtype or "auto", seed=config.seed,
+              enable_lora=adapter_dir is not None, max_lora_rank=_lora_rank(adapter_dir),
+              max_model_len=_round_up(total, 64), gpu_memory_utilization=config.gpu_memory_utilization)
+    request = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir is not None else None
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           _sampling_params(limits, eos, config.temperature, config.seed),
+                           lora_request=request, use_tqdm=config.progress)
+    info.update({"method": "vllm.LLM"})
+    return _vllm_outputs(outputs, eos, limits)
+
+
+def _generate_unsloth(config: EvalConfig, model: Any, prompts: list[list[int]], limits: list[int],
+                      eos: list[int], adapter_dir: Path | None, info: dict[str, Any]) -> list[list[int]]:
+    """Unsloth's ``fast_generate`` (its vLLM engine). Its LoRA weights reach vLLM only through a LoRA request:
+    the adapter folder, or (a trained PEFT model without one) the model's adapter saved to a temporary folder."""
+    import tempfile
+
+    temporary = None
+    if adapter_dir is None and hasattr(model, "peft_config"):
+        temporary = tempfile.TemporaryDirectory(prefix="eval-lora-")
+        saver = getattr(model, "save_lora", None) or model.save_pretrained
+        saver(temporary.name)
+        adapter_dir = Path(temporary.name)
+    try:
+        request = None
+        if adapter_dir is not None:
+            loader = getattr(model, "load_lora", None)
+            if loader is not None:
+                request = loader(str(adapter_dir))
+            else:
+                from vllm.lora.request import LoRARequest
+
+                request = LoRARequest("adapter", 1, str(adapter_dir))
+        outputs = model.fast_generate([{"prompt_token_ids": p} for p in prompts],
+                                      sampling_params=_sampling_params(limits, eos, config.temperature, config.seed),
+                                      lora_request=request, use_tqdm=config.progress)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    info.update({"method": "unsloth.fast_generate"})
+    return _vllm_outputs(outputs, eos, limits)
+
+
+# ==================================================================================================
+# Models, tokenizers and adapters
+# ==================================================================================================
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _drive_path(text: str) -> Path | None:
+    """``/content/drive/...``, ``drive/...`` or ``MyDrive/...`` as a mounted Drive path (None otherwise)."""
+    for prefix, base in (("/content/drive/", "/content/drive"), ("drive/", "/content/drive"),
+                         ("MyDrive/", "/content/drive/MyDrive")):
+        if text.startswith(prefix):
+            path = Path(base) / text[len(prefix):]
+            if not Path("/content/drive/MyDrive").exists():
+                if not runtime.in_colab():
+                    raise AdapterError(f"adapter {text!r} is a Google Drive path, but this is not Colab "
+                                       "(copy the adapter folder locally and pass that path)")
+                from google.colab import drive  # type: ignore[import-not-found]
+
+                drive.mount("/content/drive")
+            return path
+    return None
+
+
+def resolve_adapter(adapter: str | os.PathLike, base_model: str = runtime.MODEL_ID) -> tuple[Path, bool]:
+    """(local folder of the adapter, whether it is the user's own folder rather than a Hub download).
+
+    Accepts a local folder, a Google Drive folder (mounted on demand in Colab) or a Hub repo id. Raises
+    ``AdapterError`` / ``FileNotFoundError`` naming the adapter and the base model it was expected to fit.
+    """
+    text = str(adapter)
+    path = _drive_path(text) or Path(text).expanduser()
+    local = True
+    if not path.exists():
+        if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(repo_id=text))
+                local = False
+            except Exception as error:  # offline, unknown repo, no access: all say the same
+                raise AdapterError(
+                    f"LoRA adapter {text!r} (for base model {base_model!r}) is neither a local folder nor a "
+                    f"Hub repo that could be downloaded: {type(error).__name__}: {error}") from None
+        else:
+            raise FileNotFoundError(f"LoRA adapter folder {text!r} does not exist "
+                                    f"(expected an adapter for base model {base_model!r})")
+    if not path.is_dir() or not (path / "adapter_config.json").exists():
+        checkpoints = sorted(p.name for p in path.glob("checkpoint-*")) if path.is_dir() else []
+        hint = f"; it holds {', '.join(checkpoints[-3:])} (pass one of those)" if checkpoints else ""
+        raise AdapterError(f"{str(path)!r} has no adapter_config.json: not a LoRA adapter folder "
+                           f"(expected an adapter for base model {base_model!r}){hint}")
+    return path, local
+
+
+def _normalise_model_name(name: str | None) -> str:
+    name = (name or "").rstrip("/").split("/")[-1].lower()
+    for suffix in ("-unsloth-bnb-4bit", "-bnb-4bit", "-unsloth"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def attach_adapter(model: Any, adapter_dir: str | os.PathLike, base_model: str = runtime.MODEL_ID,
+                   merge: bool = True) -> Any:
+    """``model`` with the LoRA adapter of ``adapter_dir`` loaded (merged into the weights when ``merge``).
+
+    An adapter that does not fit (other architecture or size, missing weights) raises ``AdapterError``
+    naming the folder and ``base_model``; an adapter saved for a differently named base model is a warning.
+    """
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    expected = f"LoRA adapter {str(adapter_dir)!r} does not fit base model {base_model!r}"
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as error:
+        raise AdapterError(f"{expected}: its adapter_config.json cannot be read ({error})") from None
+    trained_on = getattr(peft_config, "base_model_name_or_path", None)
+    if trained_on and base_model != runtime.TINY_MODEL and \
+            _normalise_model_name(trained_on) != _normalise_model_name(base_model):
+        warnings.warn(f"adapter {str(adapter_dir)!r} was saved for base model {trained_on!r}, evaluating it on "
+                      f"{base_model!r}", stacklevel=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except Exception as error:  # size mismatch, missing target modules, ...
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = " ".join(lines[:2])[:400] if lines else type(error).__name__
+            trained = f"the adapter says it was trained on {trained_on!r}" if trained_on else \
+                "the adapter does not name its base model"
+            raise AdapterError(f"{expected} ({trained}): {detail}") from None
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise AdapterError(f"{expected}: {warning.message}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _torch_dtype(config: EvalConfig):
+    import torch
+
+    if config.dtype is not None:
+        return getattr(torch, config.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(config: EvalConfig, adapter_dir: Path | None = None) -> Any:
+    """The tokenizer for ``config``: ``config.tokenizer``, else the adapter's own (saved by training, so
+    its chat template is the one trained with), else the GGUF file's, else ``runtime.load_tokenizer``."""
+    if config.tokenizer is not None:
+        return runtime.load_tokenizer(config.tokenizer, model_name=config.model)
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").exists():
+        return runtime.load_tokenizer(adapter_dir, model_name=config.model)
+    if str(config.model).endswith(".gguf"):
+        from transformers import AutoTokenizer
+
+        path = Path(config.model).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    local = Path(str(config.model)).expanduser()
+    if local.is_dir() and (local / "tokenizer_config.json").exists():
+        return runtime.load_tokenizer(local, model_name=config.model)
+    return runtime.load_tokenizer(model_name=config.model)
+
+
+def load_model(config: EvalConfig, tokenizer: Any, adapter_dir: Path | None = None) -> Any:
+    """The transformers model of ``config`` on the GPU when there is one, adapter merged, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = _torch_dtype(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.model == runtime.TINY_MODEL:
+        model = runtime.build_tiny_qwen2(tokenizer, seed=0)
+    elif str(config.model).endswith(".gguf"):
+        path = Path(config.model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device=device, dtype=dtype)
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir, config.model)
+    return model.eval()
+
+
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "vllm", "unsloth", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _model_dtype(model: Any) -> str | None:
+    try:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return None
+
+
+def _model_eos_ids(config: EvalConfig, tokenizer: Any) -> list[int]:
+    """Stop tokens for a model not loaded here (vLLM): its generation_config.json's and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(config.model)
+    except Exception:  # no generation_config.json: the tokenizer's EOS alone
+        generation_config = None
+    holder = type("Holder", (), {"generation_config": generation_config})()
+    return _eos_ids(holder, tokenizer)
+
+
+def _pick_backend(config: EvalConfig, model: Any) -> tuple[str, str]:
+    """(backend, reason) for ``config.backend == "auto"``; explicit choices are checked here too."""
+    import importlib.util
+
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if config.backend == "auto":
+        if model is not None and hasattr(model, "fast_generate"):
+            return "unsloth", "the model passed in is an Unsloth model with fast_generate"
+        if model is not None:
+            return "hf", "a transformers model was passed in"
+        if config.model == runtime.TINY_MODEL or str(config.model).endswith(".gguf"):
+            return "hf", "vLLM cannot load this model"
+        if has_vllm and torch.cuda.is_available():
+            return "vllm", "vLLM is installed and a GPU is present"
+        return "hf", "vLLM is not installed" if not has_vllm else "no GPU for vLLM"
+    if config.backend == "vllm":
+        if model is not None:
+            raise ValueError("backend='vllm' loads its own model; pass no model (or use backend='hf')")
+        if not has_vllm:
+            raise ValueError("backend='vllm' needs the vllm package (pip install vllm)")
+        if config.model == runtime.TINY_MODEL:
+            raise ValueError("backend='vllm' cannot run runtime.TINY_MODEL; use backend='hf'")
+    if config.backend == "unsloth" and model is not None and not hasattr(model, "fast_generate"):
+        raise ValueError("backend='unsloth' needs an Unsloth model loaded with fast_inference=True "
+                         "(it has no fast_generate); use backend='hf'")
+    return config.backend, "requested"
+
+
+def _load_unsloth(config: EvalConfig, adapter_dir: Path | None, total: int) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel  # type: ignore[import-not-found]
+
+    return FastLanguageModel.from_pretrained(
+        model_name=config.model, max_seq_length=_round_up(total, 64), load_in_4bit=config.load_in_4bit,
+        fast_inference=True, max_lora_rank=_lora_rank(adapter_dir),
+        gpu_memory_utilization=config.gpu_memory_utilization)
+
+
+def _default_output_dir(config: EvalConfig, adapter_dir: Path | None, adapter_is_local: bool) -> Path:
+    if config.output_dir is not None:
+        return Path(config.output_dir).expanduser()
+    if adapter_dir is not None and adapter_is_local:
+        return adapter_dir
+    name = config.adapter if config.adapter is not None else config.model
+    return Path("outputs") / f"eval-{_slug(Path(str(name)).name)}"
+
+
+def _settings(config: EvalConfig, adapter_dir: Path | None, adapter_is_local: bool, n_test: int) -> dict[str, Any]:
+    """What determines the results (not how fast they were made): results are reused only when equal.
+
+    A model passed to ``evaluate`` is identified by ``config.model`` and ``config.adapter`` like one loaded
+    from them, so the evaluation made at the end of training is reused by a later one of the saved adapter.
+    """
+    if config.adapter is None or adapter_dir is None:
+        adapter = None
+    else:
+        # The weights' fingerprint, not the path: results travel with their adapter (e.g. Drive → local), and
+        # two runs' folders both called "adapter" are still told apart.
+        adapter = _adapter_fingerprint(adapter_dir) or (adapter_dir.name if adapter_is_local else str(config.adapter))
+    return {
+        "model": str(config.model), "adapter": adapter,
+        "max_new_tokens": config.max_new_tokens, "temperature": float(config.temperature),
+        "limit": config.limit, "shuffle": config.shuffle,
+        "seed": config.seed if (config.shuffle or config.temperature > 0) else None,
+        "budget": config.budget, "budget_mode": config.budget_mode if config.budget else None,
+        "system_prompt": data.SYSTEM_PROMPT, "test_questions": n_test,
+    }
+
+
+def _adapter_fingerprint(adapter_dir: Path) -> str | None:
+    """``sha256:<16 hex>`` of the adapter's weights file; None when there is none."""
+    import hashlib
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = adapter_dir / name
+        if path.exists():
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            return f"sha256:{digest.hexdigest()[:16]}"
+    return None
+
+
+def _select(n_test: int, config: EvalConfig) -> list[int]:
+    indices = list(range(n_test))
+    if config.shuffle:
+        random.Random(config.seed).shuffle(indices)
+    if config.limit is not None:
+        indices = sorted(indices[:config.limit])
+    return indices
+
+
+def _budgets(config: EvalConfig, dataset: Any, tokenizer: Any) -> list[int]:
+    import budgets  # a colleague's module; imported only when a budget is asked for
+
+    values = budgets.compute_budgets(config.budget, dataset, tokenizer, gsm8k_dir=config.gsm8k_dir)
+    if len(values) != len(dataset):
+        raise ValueError(f"budgets.compute_budgets returned {len(values)} budgets for {len(dataset)} questions")
+    return [max(1, int(v)) for v in values]
+
+
+def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Evaluate on the GSM8K test split; write ``eval_results.jsonl`` and ``eval_summary.json``; return the
+    summary (see ``print_summary``).
+
+    With ``model`` (e.g. right after training: a transformers/PEFT model, or an Unsloth model with
+    ``fast_generate``), that model is evaluated as it is; ``config.adapter`` then only names where its adapter
+    lives (output folder; Unsloth's LoRA request). Results already on disk with the same settings are
+    returned without generating again, unless ``config.redo``.
+    """
+    started = time.perf_counter()
+    config = config or EvalConfig()
+    adapter_dir, adapter_is_local = (None, False)
+    if config.adapter is not None:
+        adapter_dir, adapter_is_local = resolve_adapter(config.adapter, config.model)
+    full = data.load_gsm8k("test", config.gsm8k_dir)
+    settings = _settings(config, adapter_dir, adapter_is_local, len(full))
+    model_passed_in = model is not None
+    output_dir = _default_output_dir(config, adapter_dir, adapter_is_local)
+    results_path, summary_path = result_paths(output_dir, config.budget, config.budget_mode)
+    if not config.redo and results_path.exists() and summary_path.exists():
+        existing = json.loads(summary_path.read_text(encoding="utf-8"))
+        if existing.get("settings") == settings:
+            print(f"Found results with the same settings in {summary_path} (EvalConfig(redo=True) runs again)",
+                  flush=True)
+            return existing
+        changed = sorted(k for k in set(settings) | set(existing.get("settings", {}))
+                         if settings.get(k) != existing.get("settings", {}).get(k))
+        print(f"Results in {summary_path} were made with other settings ({', '.join(changed)}); running again",
+              flush=True)
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config, adapter_dir)
+    indices = _select(len(full), config)
+    # Length columns for the evaluated questions only (a smoke run tokenizes 8, not 1319); budgets.py computes
+    # what it needs for the whole split itself.
+    subset = data.add_length_columns(full.select(indices), tokenizer)
+    budgets_all = _budgets(config, full, tokenizer) if config.budget else None
+    question_budgets = [budgets_all[i] for i in indices] if budgets_all else [None] * len(indices)
+    limit_mode = config.budget is not None and config.budget_mode in ("limit", "both")
+    prompt_mode = config.budget is not None and config.budget_mode in ("prompt", "both")
+    limits = [min(b, config.max_new_tokens) if limit_mode else config.max_new_tokens for b in question_budgets]
+    texts = [data.render_prompt(tokenizer, data.prompt_messages(q, budget=b if prompt_mode else None))
+             for q, b in zip(subset["question"], question_budgets)]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    backend, reason = _pick_backend(config, model)
+    print(f"Backend: {backend} ({reason}); {len(indices)} questions, "
+          f"{'greedy' if config.temperature == 0 else f'temperature {config.temperature}'}, "
+          f"at most {config.max_new_tokens} new tokens", flush=True)
+    info: dict[str, Any] = {}
+    total = max(len(p) + m for p, m in zip(prompts, limits))
+    generation_started = time.perf_counter()
+    if backend == "vllm":
+        eos = _model_eos_ids(config, tokenizer)
+        completions = _generate_vllm(config, prompts, limits, eos, adapter_dir, info)
+    elif backend == "unsloth":
+        if model is None:
+            model, _ = _load_unsloth(config, adapter_dir, total)
+        eos = _eos_ids(model, tokenizer)
+        completions = _generate_unsloth(config, model, prompts, limits, eos, adapter_dir, info)
+    else:
+        if model is None:
+            model = load_model(config, tokenizer, adapter_dir)
+        eos = _eos_ids(model, tokenizer)
+        completions = generate_token_ids(
+            model, prompts, limits, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+            temperature=config.temperature, seed=config.seed, batch_size=config.batch_size,
+            method="generate" if backend == "hf-generate" else "auto", progress=config.progress,
+            desc="GSM8K test", info=info)
+    generation_s = time.perf_counter() - generation_started
+
+    decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    eos_set = set(eos)
+    records = []
+    for row, index, ids, text, limit, budget in zip(subset, indices, completions, decoded, limits,
+                                                    question_budgets):
+        record = {"index": index, "question": row["question"], "gold": row["gold"], "completion": text,
+                  **score_completion(text, row["gold"]), "length": len(ids), "limit": limit,
+                  "finish": "stop" if ids and ids[-1] in eos_set else "length",
+                  "out_of_limit": is_out_of_limit(len(ids), limit), "steps": row["steps"],
+                  "reference_length": row["reference_length"]}
+        if config.budget is not None:
+            record["budget"] = budget
+        records.append(record)
+    metrics = compute_metrics(records)
+    generated = metrics["generated_tokens"]
+    summary = {
+        "model": str(config.model), "adapter": config.adapter,
+        "adapter_path": str(adapter_dir) if adapter_dir is not None else None,
+        "model_passed_in": model_passed_in, "backend": backend, "backend_reason": reason,
+        "generation_info": info,
+        "metrics": metrics,
+        "generation": {"decoding": "greedy" if config.temperature == 0 else "sampling",
+                       "temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
+                       "batch_size": info.get("batch_size", config.batch_size),
+                       "dtype": _model_dtype(model) or config.dtype,
+                       "budget": config.budget, "budget_mode": config.budget_mode if config.budget else None,
+                       "stop_token_ids": eos, "system_prompt": data.SYSTEM_PROMPT,
+                       "chat_template": "tokenizer's (data.render_prompt)"},
+        "settings": settings, "limit": config.limit, "shuffle": config.shuffle, "seed": config.seed,
+        "versions": _versions(), "git_commit": _git_commit(), "device": _device_name(),
+        "timing": {"wall_s": None, "generation_s": generation_s, "generated_tokens": generated,
+                   "tokens_per_s": generated / generation_s if generation_s > 0 else None},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {"results": str(results_path), "summary": str(summary_path)},
+    }
+    save_records(records, results_path)
+    summary["timing"]["wall_s"] = time.perf_counter() - started
+    _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    print(f"Wrote {results_path} and {summary_path.name}", flush=True)
+    return summary
+
+
+# ==================================================================================================
+# Reporting
+# ==================================================================================================
+
+def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
+    """Print a summary the way the study reports results ("Accuracy: 9.55% (126 of 1319)" ...)."""
+    out = file or sys.stdout
+    m = summary["metrics"]
+    generation = summary.get("generation", {})
+    what = str(summary.get("model"))
+    if summary.get("adapter"):
+        what += f" + adapter {summary['adapter']}"
+    decoding = generation.get("decoding", "greedy")
+    if decoding != "greedy":
+        decoding = f"temperature {generation.get('temperature')}"
+    budget = f", budget {generation['budget']} ({generation['budget_mode']})" if generation.get("budget") else ""
+    lines = [f"GSM8K test: {what} (backend {summary.get('backend')}, {decoding}, "
+             f"at most {generation.get('max_new_tokens')} new tokens{budget})"]
+
+    def with_ci(name: str, metric: Mapping[str, Any]) -> str:
+        return (f"{format_count(name, metric)}, 95% CI {_percent(metric['ci_low'])} to "
+                f"{_percent(metric['ci_high'])}")
+
+    lines.append(with_ci("Accuracy", m["accuracy"]))
+    lines.append(with_ci("Format accuracy", m["format_accuracy"]))
+    lines.append(with_ci("Lenient accuracy (diagnostic: last number anywhere)", m["lenient_accuracy"]))
+    length = m["mean_length"]
+    lines.append(f"Mean response length: {length['value']:.1f} tokens, 95% CI {length['ci_low']:.1f} to "
+                 f"{length['ci_high']:.1f}")
+    percentiles = " · ".join(f"{k} {v:g}" for k, v in m["length_percentiles"].items())
+    lines.append(f"Length percentiles: {percentiles}")
+    lines.append(with_ci(f"Out-of-limit rate (within {OUT_OF_LIMIT_MARGIN} tokens of the limit)",
+                         m["out_of_limit_rate"]))
+    efficiency = m.get("model_efficiency")
+    lines.append("Model efficiency: " + (f"{efficiency:.3f} (reference tokens / response tokens over the "
+                                         f"{m['accuracy']['count']} correct answers)"
+                                         if efficiency is not None else "n/a (no correct answer)"))
+    lines.append(f"{'steps':>7} {'n':>6} {'accuracy':>18} {'mean length':>12}")
+    for row in m["by_steps"]:
+        accuracy = f"{_percent(row['accuracy'])} ({row['correct']})"
+        lines.append(f"{row['steps']:>7} {row['n']:>6} {accuracy:>18} {row['mean_length']:>12.1f}")
+    timing = summary.get("timing") or {}
+    if timing.get("generation_s"):
+        rate = timing.get("tokens_per_s") or 0
+        lines.append(f"Generated {timing['generated_tokens']:,} tokens in {timing['generation_s']:.1f} s "
+                     f"({rate:,.0f} tokens/s); total {timing.get('wall_s') or 0:.1f} s")
+    files = summary.get("files") or {}
+    if files.get("results"):
+        lines.append(f"Per-question results: {files['results']}")
+    print("\n".join(lines), file=out, flush=True)
+
+
+def _records(source: Any) -> list[dict[str, Any]]:
+    if isinstance(source, (str, os.PathLike)):
+        return load_records(source)
+    return [dict(r) for r in source]
+
+
+def compare_runs(records_or_path_a: Any, records_or_path_b: Any, seed: int = 0, n_boot: int = DEFAULT_N_BOOT,
+                 labels: tuple[str, str] = ("A", "B"), confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Compare two runs question by question (paired by ``index``); differences are B − A.
+
+    Reports both accuracies, the accuracy difference with a paired bootstrap interval, McNemar's exact test
+    on the discordant questions (``a_only``: A right and B wrong; ``b_only``: the reverse), and the mean
+    length difference with a paired bootstrap interval. Questions present in one run only are left out and
+    counted.
+    """
+    a = {int(r["index"]): r for r in _records(records_or_path_a)}
+    b = {int(r["index"]): r for r in _records(records_or_path_b)}
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("the two runs share no question index: nothing to compare")
+    correct_a = [float(bool(a[i]["correct"])) for i in common]
+    correct_b = [float(bool(b[i]["correct"])) for i in common]
+    length_a = [float(a[i]["length"]) for i in common]
+    length_b = [float(b[i]["length"]) for i in common]
+    a_only = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
+    b_only = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
+    n = len(common)
+    return {
+        "labels": list(labels), "n": n, "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
+        "accuracy_a": sum(correct_a) / n, "accuracy_b": sum(correct_b) / n,
+        "correct_a": int(sum(correct_a)), "correct_b": int(sum(correct_b)),
+        "accuracy_diff": paired_bootstrap(correct_a, correct_b, n_boot=n_boot, seed=seed, confidence=confidence),
+        "mcnemar": {"a_only": a_only, "b_only": b_only, "p_value": mcnemar_exact(a_only, b_only)},
+        "mean_length_a": sum(length_a) / n, "mean_length_b": sum(length_b) / n,
+        "length_diff": paired_bootstrap(length_a, length_b, n_boot=n_boot, seed=seed + 1, confidence=confidence),
+        "confidence": confidence,
+    }
+
+
+def print_comparison(result: Mapping[str, Any], file: Any = None) -> None:
+    """Print ``compare_runs``'s result."""
+    out = file or sys.stdout
+    name_a, name_b = result["labels"]
+    accuracy, length, test = result["accuracy_diff"], result["length_diff"], result["mcnemar"]
+    level = f"{100 * result.get('confidence', CONFIDENCE):g}%"
+    lines = [f"{name_b} vs {name_a} on {result['n']} paired questions"]
+    if result["only_in_a"] or result["only_in_b"]:
+        lines[0] += f" ({result['only_in_a']} only in {name_a}, {result['only_in_b']} only in {name_b}, left out)"
+    lines.append(f"Accuracy: {name_a} {_percent(result['accuracy_a'])} ({result['correct_a']} of {result['n']}), "
+                 f"{name_b} {_percent(result['accuracy_b'])} ({result['correct_b']} of {result['n']}); "
+                 f"difference {100 * accuracy['estimate']:+.2f} points, {level} CI "
+                 f"{100 * accuracy['ci_low']:+.2f} to {100 * accuracy['ci_high']:+.2f} (paired bootstrap)")
+    lines.append(f"McNemar exact test: {test['a_only']} right only in {name_a}, {test['b_only']} right only in "
+                 f"{name_b}; p = {test['p_value']:.4g}")
+    lines.append(f"Mean length: {name_a} {result['mean_length_a']:.1f}, {name_b} {result['mean_length_b']:.1f} "
+                 f"tokens; difference {length['estimate']:+.1f}, {level} CI {length['ci_low']:+.1f} to "
+                 f"{length['ci_high']:+.1f}")
+    print("\n".join(lines), file=out, flush=True)
+
+
+def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, title: str | None = None,
+                          bins: int = 40) -> Any:
+    """Histogram of response lengths, correct and incorrect stacked, with the token limit marked.
+
+    ``records``: a run's records or results path, or a mapping ``{label: records or path}`` to overlay
+    several runs. Returns the matplotlib ``Figure`` (displayed by notebooks); saves a PNG when ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    if isinstance(records, Mapping):
+        runs = {label: _records(value) for label, value in records.items()}
+        largest = max((max(int(r["length"]) for r in run) for run in runs.values() if run), default=1)
+        edges = [largest * i / bins for i in range(bins + 1)]
+        for label, run in runs.items():
+            mean = sum(int(r["length"]) for r in run) / max(1, len(run))
+            axes.hist([int(r["length"]) for r in run], bins=edges, histtype="step", linewidth=1.5,
+                      label=f"{label} (mean {mean:.0f})")
+        limits = [int(r.get("limit", 0)) for run in runs.values() for r in run]
+    else:
+        run = _records(records)
+        if not run:
+            raise ValueError("no records to plot")
+        right = [int(r["length"]) for r in run if r["correct"]]
+        wrong = [int(r["length"]) for r in run if not r["correct"]]
+        axes.hist([right, wrong], bins=bins, stacked=True, color=["tab:green", "tab:gray"],
+                  label=[f"correct ({len(right)})", f"incorrect ({len(wrong)})"])
+        limits = [int(r.get("limit", 0)) for r in run]
+    if limits and max(limits) > 0 and len(set(limits)) == 1:
+        axes.axvline(limits[0], color="tab:red", linestyle="--", linewidth=1, label=f"limit ({limits[0]})")
+    axes.set_xlabel("response length (tokens)")
+    axes.set_ylabel("questions")
+    axes.set_title(title or "Response lengths on GSM8K test")
+    axes.legend()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+    return figure
