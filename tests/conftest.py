@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# wandb first: imported after torch/transformers it makes `from trl import GRPOTrainer` ~30 s slower here.
+import wandb  # noqa: E402, F401
+
 import runtime  # noqa: E402
 
 

@@ -60,11 +60,16 @@ def prompts(tokenizer, gsm8k_dir):
 def greedy_reference(model, prompt, steps):
     """The plainest possible greedy decoder: recompute the whole sequence for every token, no cache, no batch."""
     ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
-            out.append(int(logits.argmax()))
-            ids.append(out[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny operations: threads only add waiting, badly so on a busy CI machine
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+                out.append(int(logits.argmax()))
+                ids.append(out[-1])
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
