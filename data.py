@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ def count_steps(solution: str) -> int:
     return len(solution_body(solution).splitlines())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is an error naming file:line."""
+    path = Path(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -62,14 +64,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            missing = {"question", "answer"} - row.keys()
-            if missing:
-                raise ValueError(f"{path}:{number}: missing field(s) {sorted(missing)}")
-            if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
-                raise ValueError(f"{path}:{number}: 'question' and 'answer' must be strings")
-            if _FINAL_MARK not in row["answer"]:
-                raise ValueError(f"{path}:{number}: 'answer' has no '{_FINAL_MARK} <number>' line")
-            rows.append({"question": row["question"], "answer": row["answer"]})
+            yield number, row
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, row in iter_jsonl(path):
+        missing = {"question", "answer"} - row.keys()
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field(s) {sorted(missing)}")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], str):
+            raise ValueError(f"{path}:{number}: 'question' and 'answer' must be strings")
+        if _FINAL_MARK not in row["answer"]:
+            raise ValueError(f"{path}:{number}: 'answer' has no '{_FINAL_MARK} <number>' line")
+        rows.append({"question": row["question"], "answer": row["answer"]})
     return rows
 
 

@@ -118,6 +118,8 @@ class EvalConfig:
     load_in_4bit: bool = False
     gpu_memory_utilization: float = 0.6
     progress: bool = True
+    # None: follow runtime.smoke_mode() (no GPU, or LENGTHRL_SMOKE=1); see smoke_config.
+    smoke: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -386,16 +388,7 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         path = Path(results) if Path(results).is_absolute() else path.parent / Path(results).name
     if not path.exists():
         raise FileNotFoundError(f"no evaluation results at {str(path)!r}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records
+    return [record for _, record in data.iter_jsonl(path)]
 
 
 def load_summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -1353,17 +1346,45 @@ def _budgets(config: EvalConfig, dataset: Any, tokenizer: Any) -> list[int]:
     return [max(1, int(v)) for v in values]
 
 
+SMOKE_QUESTIONS = 8
+SMOKE_NEW_TOKENS = 32
+
+
+def smoke_config(config: EvalConfig) -> EvalConfig:
+    """``config`` for the CPU smoke mode: the tiny random Qwen2 (unless an adapter names its own base model, as a
+    smoke training run's does), at most 8 questions and 32 new tokens. Idempotent."""
+    return dataclasses.replace(
+        config,
+        model=runtime.TINY_MODEL if config.adapter is None else config.model,
+        limit=min(config.limit or SMOKE_QUESTIONS, SMOKE_QUESTIONS),
+        max_new_tokens=min(config.max_new_tokens, SMOKE_NEW_TOKENS),
+        smoke=True,
+    )
+
+
+def resolve_config(config: EvalConfig | None) -> EvalConfig:
+    """The configuration ``evaluate`` runs: the smoke configuration when asked or when ``runtime.smoke_mode()``."""
+    config = config or EvalConfig()
+    smoke = runtime.smoke_mode() if config.smoke is None else config.smoke
+    if smoke and config.smoke is not True:
+        print(f"Smoke mode: {SMOKE_QUESTIONS} questions, {SMOKE_NEW_TOKENS} new tokens"
+              + (", tiny random Qwen2" if config.adapter is None else ""), flush=True)
+    return smoke_config(config) if smoke else config
+
+
 def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Evaluate on the GSM8K test split; write ``eval_results.jsonl`` and ``eval_summary.json``; return the
     summary (see ``print_summary``).
 
     With ``model`` (e.g. right after training: a transformers/PEFT model, or an Unsloth model with
     ``fast_generate``), that model is evaluated as it is; ``config.adapter`` then only names where its adapter
-    lives (output folder; Unsloth's LoRA request). Results already on disk with the same settings are
+    lives (output folder; Unsloth's LoRA request). Without a model and without a GPU (or with
+    ``LENGTHRL_SMOKE=1``) the smoke preset runs (``resolve_config``). Results already on disk with the same settings are
     returned without generating again, unless ``config.redo``.
     """
     started = time.perf_counter()
-    config = config or EvalConfig()
+    # A model passed in is evaluated as configured by its caller; otherwise no GPU means the smoke preset.
+    config = resolve_config(config) if model is None else (config or EvalConfig())
     adapter_dir, adapter_is_local = (None, False)
     if config.adapter is not None:
         adapter_dir, adapter_is_local = resolve_adapter(config.adapter, config.model)

@@ -166,6 +166,18 @@ def per_group(penalty: Callable[..., list[float]], keys: Sequence[Hashable], **c
     return _finite(out)
 
 
+def grouped_by_correctness(penalty: Callable[..., list[float]], reward_name: str, completions: Sequence,
+                           answer: Sequence | None, completion_ids: Sequence | None, prompts: Sequence | None,
+                           question_id: Sequence | None) -> list[float]:
+    """Body shared by the group rewards that need correctness: ``penalty(lengths=..., correct=...)`` per group."""
+    lengths = _completion_lengths(completions, completion_ids)
+    if answer is None:
+        raise ValueError(f"{reward_name} needs the answer dataset column to know which completions are correct")
+    _check_lengths(completions, answer=answer, prompts=prompts, question_id=question_id)
+    correct = [is_correct(c, a) for c, a in zip(completions, answer)]
+    return per_group(penalty, group_keys(len(completions), prompts, question_id), lengths=lengths, correct=correct)
+
+
 def configured(reward: Callable[..., list[float]], **params: Any) -> Callable[..., list[float]]:
     """``reward`` with keyword defaults set (e.g. ``lam``), keeping ``__name__`` because TRL logs by it."""
     accepted = inspect.signature(reward).parameters
@@ -264,11 +276,8 @@ def group_length_reward(completions: Sequence, answer: Sequence, completion_ids:
                         prompts: Sequence | None = None, question_id: Sequence | None = None,
                         lam: float = DEFAULT_LAMBDA, **kwargs: Any) -> list[float]:
     r"""Method 2 as a TRL reward: ``group_length_penalty`` applied to each prompt's group."""
-    lengths = _completion_lengths(completions, completion_ids)
-    _check_lengths(completions, answer=answer, prompts=prompts, question_id=question_id)
-    keys = group_keys(len(completions), prompts, question_id)
-    correct = [is_correct(c, a) for c, a in zip(completions, answer)]
-    return per_group(functools.partial(group_length_penalty, lam=lam), keys, lengths=lengths, correct=correct)
+    return grouped_by_correctness(functools.partial(group_length_penalty, lam=lam), "group_length_reward",
+                                  completions, answer, completion_ids, prompts, question_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,13 +298,6 @@ DAPO_MAX_COMPLETION_LENGTH = 512
 DAPO_CACHE_FRACTION = 0.2
 EFFICIENT_ALPHA = 0.2
 EFFICIENT_EPSILON = 1e-7
-
-
-def _correct_flags(completions: Sequence, answer: Sequence | None, reward_name: str) -> list[bool]:
-    if answer is None:
-        raise ValueError(f"{reward_name} needs the answer dataset column to know which completions are correct")
-    _check_lengths(completions, answer=answer)
-    return [is_correct(c, a) for c, a in zip(completions, answer)]
 
 
 def _same_size(lengths: Sequence, correct: Sequence) -> None:
@@ -353,12 +355,8 @@ def kimi_length_reward(completions: Sequence, answer: Sequence | None = None,
                        **kwargs: Any) -> list[float]:
     r"""Kimi k1.5 length reward as a TRL reward: ``kimi_length_for_group`` per prompt group (not per batch,
     as the paper defines it over the k responses to one problem). Added to ``correctness_reward``."""
-    lengths = _completion_lengths(completions, completion_ids)
-    _check_lengths(completions, prompts=prompts, question_id=question_id)
-    correct = _correct_flags(completions, answer, "kimi_length_reward")
-    keys = group_keys(len(completions), prompts, question_id)
-    return per_group(functools.partial(kimi_length_for_group, weight=weight), keys,
-                     lengths=lengths, correct=correct)
+    return grouped_by_correctness(functools.partial(kimi_length_for_group, weight=weight), "kimi_length_reward",
+                                  completions, answer, completion_ids, prompts, question_id)
 
 
 # --- GRPO-LEAD -------------------------------------------------------------------------------------
@@ -402,12 +400,9 @@ def grpo_lead_reward(completions: Sequence, answer: Sequence | None = None,
 
     It replaces ``correctness_reward`` in the ``grpo_lead`` method (only the reward; GRPO-LEAD's
     difficulty-aware advantage reweighting is not part of it)."""
-    lengths = _completion_lengths(completions, completion_ids)
-    _check_lengths(completions, prompts=prompts, question_id=question_id)
-    correct = _correct_flags(completions, answer, "grpo_lead_reward")
-    keys = group_keys(len(completions), prompts, question_id)
-    return per_group(functools.partial(grpo_lead_for_group, alpha=alpha, incorrect_reward=incorrect_reward),
-                     keys, lengths=lengths, correct=correct)
+    penalty = functools.partial(grpo_lead_for_group, alpha=alpha, incorrect_reward=incorrect_reward)
+    return grouped_by_correctness(penalty, "grpo_lead_reward", completions, answer, completion_ids, prompts,
+                                  question_id)
 
 
 # --- L1 (exact) ------------------------------------------------------------------------------------
@@ -535,12 +530,8 @@ def efficient_length_reward(completions: Sequence, answer: Sequence | None = Non
                             **kwargs: Any) -> list[float]:
     r"""Arora & Zanette's length term as a TRL reward: ``efficient_length_penalty`` per prompt group.
     With ``correctness_reward`` it gives ``CORRECT_REWARD`` times the paper's reward."""
-    lengths = _completion_lengths(completions, completion_ids)
-    _check_lengths(completions, prompts=prompts, question_id=question_id)
-    correct = _correct_flags(completions, answer, "efficient_length_reward")
-    keys = group_keys(len(completions), prompts, question_id)
-    return per_group(functools.partial(efficient_length_penalty, alpha=alpha), keys,
-                     lengths=lengths, correct=correct)
+    return grouped_by_correctness(functools.partial(efficient_length_penalty, alpha=alpha), "efficient_length_reward",
+                                  completions, answer, completion_ids, prompts, question_id)
 
 
 # --------------------------------------------------------------------------------------------------

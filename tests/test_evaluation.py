@@ -367,8 +367,9 @@ def test_generate_token_ids_validates_input(lively_model, prompts):
 
 
 def smoke_config(tmp_path, **overrides):
+    # smoke=False: these tests choose every setting themselves (no automatic CPU smoke preset).
     values = {"model": runtime.TINY_MODEL, "limit": 8, "max_new_tokens": 12, "output_dir": str(tmp_path),
-              "progress": False}
+              "progress": False, "smoke": False}
     values.update(overrides)
     return evaluation.EvalConfig(**values)
 
@@ -607,3 +608,15 @@ def test_smollm2_real_text(tmp_path):
     generated = evaluation.generate_token_ids(model, ids, 48, eos_token_ids=eos, batch_size=4, method="generate")
     assert static == generated
     assert [len(t) for t in static] == [r["length"] for r in records]
+
+
+def test_without_a_gpu_evaluate_runs_the_smoke_preset(monkeypatch):
+    monkeypatch.setenv("LENGTHRL_SMOKE", "1")
+    resolved = evaluation.resolve_config(evaluation.EvalConfig())
+    assert (resolved.model, resolved.limit, resolved.max_new_tokens) == (runtime.TINY_MODEL, 8, 32)
+    assert evaluation.resolve_config(resolved) == resolved  # idempotent
+    # A trained smoke adapter keeps the base model its run config names; a smaller limit is kept.
+    adapter = evaluation.resolve_config(evaluation.EvalConfig(model="base", adapter="a", limit=3))
+    assert (adapter.model, adapter.limit) == ("base", 3)
+    monkeypatch.setenv("LENGTHRL_SMOKE", "0")
+    assert evaluation.resolve_config(evaluation.EvalConfig()).model == runtime.MODEL_ID
