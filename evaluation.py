@@ -1603,10 +1603,17 @@ def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, t
                           bins: int = 40) -> Any:
     """Histogram of response lengths, correct and incorrect stacked, with the token limit marked.
 
-    ``records``: a run's records or results path, or a mapping ``{label: records or path}`` to overlay
-    several runs. Returns the matplotlib ``Figure`` (displayed by notebooks); saves a PNG when ``path``.
+    ``records``: a run's records or results path, an ``evaluate`` summary (the PNG is then saved beside its
+    results as ``length_histogram.png`` unless ``path`` says otherwise), or a mapping ``{label: records or path}``
+    to overlay several runs. Returns the matplotlib ``Figure`` (displayed by notebooks); saves a PNG when ``path``.
     """
     from matplotlib.figure import Figure
+
+    if isinstance(records, Mapping) and "files" in records:  # an evaluate() summary
+        results = Path(records["files"]["results"])
+        path = path if path is not None else results.with_name(
+            results.name.replace(RESULTS_FILE.split(".")[0], "length_histogram").replace(".jsonl", ".png"))
+        records = results
 
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.add_subplot()

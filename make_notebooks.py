@@ -233,6 +233,8 @@ result = training.train(config)
         markdown("## Evaluate the adapter on the GSM8K test split\nGreedy decoding, 512 new tokens; the "
                  "per-question results and the summary are saved beside the adapter."),
         code("summary = training.evaluate_adapter(result, limit=EVAL_LIMIT or None)"),
+        markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
+        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
     ]
     intro = f"{about}\n\nOne of the study's four GRPO runs; `Eval_{folder}_GRPO.ipynb` re-evaluates the saved adapter."
     return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", ("training",), body)
@@ -264,6 +266,8 @@ import training
 summary = training.evaluate_saved_run(METHOD, adapter=ADAPTER or None, save_to_drive=SAVE_TO_DRIVE,
                                       limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
 '''),
+        markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
+        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
     ]
     intro = f"Re-evaluates the LoRA adapter saved by `{folder}_GRPO.ipynb` ({title}). {about}"
     return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", ("training",),
@@ -297,8 +301,8 @@ config = evaluation.EvalConfig(model=MODEL, backend=BACKEND, limit=EVAL_LIMIT or
 summary = evaluation.evaluate(config)
 evaluation.print_summary(summary)
 '''),
-        markdown("## Response lengths"),
-        code("evaluation.plot_length_histogram(summary);"),
+        markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
+        code("evaluation.plot_length_histogram(summary)"),
     ]
     return Notebook("Initial_evaluation.ipynb", "Initial evaluation: the untrained model",
                     "Accuracy, format and length of Qwen2.5-0.5B-Instruct before any training, the study's "

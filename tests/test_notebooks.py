@@ -114,6 +114,29 @@ def test_notebook_runs_end_to_end_in_smoke_mode(path, notebook_workdir):
 
 def _check_outputs(path: str, printed: str, workdir: Path) -> None:
     """What each notebook must leave behind for the user."""
+    outputs = workdir / "outputs"
+    run = {nb.path: nb for nb in make_notebooks.notebooks()}[path]
+    folder = path.split("/")[0]
     if path == "Data_analysis.ipynb":
         assert "121.79" in printed
-        assert list((workdir / "outputs" / "data_analysis").glob("*.png"))
+        assert list((outputs / "data_analysis").glob("*.png"))
+    elif path == "Initial_evaluation.ipynb":
+        assert "Accuracy:" in printed and "of 8)" in printed
+        assert (outputs / "Initial_evaluation" / "eval_summary.json").is_file()
+        assert (outputs / "Initial_evaluation" / "length_histogram.png").is_file()
+    elif path.endswith(f"/{folder}_GRPO.ipynb"):
+        run_dir = outputs / f"{folder}-smoke"
+        for saved in ("adapter/adapter_config.json", "adapter/run_config.json", "training_curves.png",
+                      "eval/eval_summary.json", "eval/eval_results.jsonl", "eval/length_histogram.png"):
+            assert (run_dir / saved).is_file(), saved
+        assert any(mark in printed for mark in "✔★✗"), "the live view printed no completion"
+        assert "Accuracy:" in printed
+    elif "/Eval_" in path:
+        assert "Accuracy:" in printed
+        if not path.startswith("Baseline/"):
+            assert "McNemar exact test" in printed, "the Eval twin did not compare with the baseline"
+    else:
+        assert run.path == "Results.ipynb"
+        assert "study" in printed
+        for plot in ("pareto.png", "length_distributions.png", "step_buckets.png"):
+            assert (outputs / "results" / plot).is_file(), plot
