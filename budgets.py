@@ -80,8 +80,11 @@ def step_table(train_table: dict[str, Sequence[int]]) -> dict[int, int]:
     """Step count -> budget: the trimmed max (97.5%) column of the data-analysis per-step table."""
     import analysis
 
-    steps = analysis.statistics_from_table(train_table)["steps"]
-    return {int(count): math.ceil(row["trimmed_max"]) for count, row in steps.items()}
+    # Only the trimmed max is needed: the full statistics would also need non-constant columns (correlations).
+    by_steps: dict[int, list[int]] = {}
+    for count, length in zip(train_table["steps"], train_table["reference_length"]):
+        by_steps.setdefault(int(count), []).append(int(length))
+    return {count: math.ceil(analysis.trimmed_max(lengths)) for count, lengths in sorted(by_steps.items())}
 
 
 def step_budget(steps: int, table: dict[int, int], fallback: str = "nearest") -> int:

@@ -66,8 +66,7 @@ RESULTS_FILE = "eval_results.jsonl"
 SUMMARY_FILE = "eval_summary.json"
 BACKENDS = ("auto", "vllm", "unsloth", "hf", "hf-generate")
 BUDGET_MODES = ("limit", "prompt", "both")
-# A completion within this many tokens of its limit counts as out of limit (it was most likely cut off).
-OUT_OF_LIMIT_MARGIN = 3
+OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
 CONFIDENCE = 0.95
 DEFAULT_N_BOOT = 10_000
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
@@ -124,6 +123,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.budget is not None:
+            import budgets  # one spelling per kind: aliases must not make separate result files
+
+            self.budget = budgets.budget_kind(self.budget)
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget_mode must be one of {list(BUDGET_MODES)}, got {self.budget_mode!r}")
         for name in ("max_new_tokens", "batch_size", "limit"):
@@ -260,26 +263,18 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
 
 def score_completion(text: str, gold: Any) -> dict[str, Any]:
     """The per-question scores of one completion, all from ``rewards.py``'s scoring contract."""
-    lenient = rewards.lenient_answer(text)
-    gold_value = rewards.gold_number(gold)
     return {
         "extracted": rewards.extract_answer(text),
         "correct": rewards.is_correct(text, gold),
         "format_ok": rewards.is_format_ok(text),
-        "lenient": lenient,
-        "lenient_correct": lenient is not None and gold_value is not None
-        and abs(lenient - gold_value) <= rewards.TOLERANCE,
+        "lenient": rewards.lenient_answer(text),
+        "lenient_correct": rewards.is_lenient_correct(text, gold),
     }
 
 
 def step_bucket(steps: int) -> str:
     """The step-count bucket label: the count itself, or ``"8+"`` from ``STEP_BUCKET_CAP`` on."""
     return f"{STEP_BUCKET_CAP}+" if steps >= STEP_BUCKET_CAP else str(int(steps))
-
-
-def is_out_of_limit(length: int, limit: int) -> bool:
-    """True when a completion hit its limit or ended within ``OUT_OF_LIMIT_MARGIN`` tokens of it."""
-    return limit - length <= OUT_OF_LIMIT_MARGIN
 
 
 def _proportion(k: int, n: int) -> dict[str, Any]:
@@ -300,7 +295,7 @@ def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = len(records)
     lengths = [int(r["length"]) for r in records]
     correct = [bool(r["correct"]) for r in records]
-    out_of_limit = [bool(r["out_of_limit"]) if "out_of_limit" in r else is_out_of_limit(r["length"], r["limit"])
+    out_of_limit = [bool(r["out_of_limit"]) if "out_of_limit" in r else rewards.is_out_of_limit(r["length"], r["limit"])
                     for r in records]
     mean, low, high = mean_interval(lengths)
     metrics: dict[str, Any] = {
@@ -317,12 +312,10 @@ def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     metrics["length_percentiles"]["max"] = float(max(lengths))
     right = [r for r, ok in zip(records, correct) if ok]
+    metrics["model_efficiency"] = None
     if right and all(r.get("reference_length") is not None for r in right):
-        response = sum(int(r["length"]) for r in right)
-        reference = sum(int(r["reference_length"]) for r in right)
-        metrics["model_efficiency"] = reference / response if response > 0 else None
-    else:
-        metrics["model_efficiency"] = None
+        metrics["model_efficiency"] = rewards.model_efficiency(
+            [r["reference_length"] for r in right], [r["length"] for r in right], [True] * len(right))
     buckets: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         buckets.setdefault(step_bucket(int(record["steps"])), []).append(record)
@@ -385,7 +378,9 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         results = summary.get("files", {}).get("results")
         if not results:
             raise ValueError(f"{path} is not an evaluation summary (it names no results file)")
-        path = Path(results) if Path(results).is_absolute() else path.parent / Path(results).name
+        # The results file beside the summary first: a run folder copied from Drive keeps its old absolute path.
+        beside = path.parent / Path(results).name
+        path = beside if beside.exists() or not Path(results).is_absolute() else Path(results)
     if not path.exists():
         raise FileNotFoundError(f"no evaluation results at {str(path)!r}")
     return [record for _, record in data.iter_jsonl(path)]
@@ -1047,6 +1042,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _drive_path(text: str) -> Path | None:
     """``/content/drive/...``, ``drive/...`` or ``MyDrive/...`` as a mounted Drive path (None otherwise)."""
+    if Path(text).expanduser().exists():
+        return None  # a local folder, even one named drive/ or MyDrive/
     for prefix, base in (("/content/drive/", "/content/drive"), ("drive/", "/content/drive"),
                          ("MyDrive/", "/content/drive/MyDrive")):
         if text.startswith(prefix):
@@ -1453,7 +1450,7 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
         record = {"index": index, "question": row["question"], "gold": row["gold"], "completion": text,
                   **score_completion(text, row["gold"]), "length": len(ids), "limit": limit,
                   "finish": "stop" if ids and ids[-1] in eos_set else "length",
-                  "out_of_limit": is_out_of_limit(len(ids), limit), "steps": row["steps"],
+                  "out_of_limit": rewards.is_out_of_limit(len(ids), limit), "steps": row["steps"],
                   "reference_length": row["reference_length"]}
         if config.budget is not None:
             record["budget"] = budget

@@ -179,18 +179,25 @@ STUDY_RUNS = (
      "Adds both length penalties: the deviation from the reference length and the excess over the group's "
      "shortest correct completion."),
 )
-ALL_METHODS = ("baseline", "ans_len", "group", "group_ans_len", "kimi", "grpo_lead", "l1_exact", "dapo_overlong",
-               "efficient_reasoning")
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every registered reward method (the training notebooks' METHOD choices)."""
+    sys.path.insert(0, str(REPO))
+    import rewards
+
+    return tuple(rewards.METHODS)
 
 
 def training_notebook(folder: str, method: str, title: str, about: str) -> Notebook:
-    methods = ", ".join(f'"{m}"' for m in ALL_METHODS)
+    methods = ", ".join(f'"{m}"' for m in all_methods())
     body = [
         markdown(f"""
 ## Settings
 The defaults reproduce the study (Qwen2.5-0.5B-Instruct with LoRA, 4000 training questions of at most 5 steps,
 512 completion tokens, β = 0.005, `constant_with_warmup`, fixed seed) and fit a free 15 GB T4.
 `METHOD` may be any reward method of `rewards.METHODS`; the literature methods are described in README.md.
+`BUDGET` gives each question a token budget, stated in the prompt and used as the target of `l1_exact`.
 
 **Never lose a run.** With `SAVE_TO_DRIVE` the run folder lives on Google Drive. Checkpoints are written every
 `SAVE_STEPS` steps; after a disconnect, run all cells again and training resumes from the latest checkpoint with the
@@ -211,6 +218,7 @@ MAX_COMPLETION_LENGTH = 512  # @param {{type:"integer"}}
 TRAIN_SIZE = 4000  # @param {{type:"integer"}}
 SAVE_STEPS = 50  # @param {{type:"integer"}}
 MAX_STEPS = 0  # @param {{type:"integer"}}
+BUDGET = ""  # @param ["", "steps", "reference", "question"]
 SEED = 3407  # @param {{type:"integer"}}
 EVAL_LIMIT = 0  # @param {{type:"integer"}}
 ''', form=True),
@@ -223,7 +231,7 @@ config = training.TrainConfig(
     method=METHOD, lam=LAMBDA, backend=BACKEND, save_to_drive=SAVE_TO_DRIVE, push_to_hub=PUSH_TO_HUB,
     hub_repo=HUB_REPO or None, learning_rate=LEARNING_RATE, num_generations=NUM_GENERATIONS,
     max_completion_length=MAX_COMPLETION_LENGTH, train_size=TRAIN_SIZE, save_steps=SAVE_STEPS,
-    max_steps=MAX_STEPS or None, seed=SEED,
+    max_steps=MAX_STEPS or None, budget=BUDGET or None, seed=SEED,
 )
 result = training.train(config)
 '''),

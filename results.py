@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import data
 import rewards
 
 STUDY_TEST_QUESTIONS = 1319
@@ -121,8 +122,7 @@ def _training_record(folder: Path) -> tuple[str | None, float | None, dict[str, 
         for place in places:
             sessions = place / "sessions.jsonl"
             if sessions.is_file():
-                lines = [json.loads(line) for line in sessions.read_text(encoding="utf-8").splitlines() if line.strip()]
-                seconds = math.fsum(float(s.get("seconds", 0)) for s in lines)
+                seconds = math.fsum(float(s.get("seconds", 0)) for _, s in data.iter_jsonl(sessions))
                 break
     return method, seconds, config
 

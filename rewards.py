@@ -99,16 +99,48 @@ def is_format_ok(text: Any) -> bool:
     return bool(answer.strip())
 
 
-def is_correct(text: Any, answer: Any) -> bool:
-    """The extracted answer's last number equals the gold number within ``TOLERANCE``."""
-    predicted = parse_number(extract_answer(text))
+def _matches_gold(predicted: float | None, answer: Any) -> bool:
     gold = gold_number(answer)
     return predicted is not None and gold is not None and abs(predicted - gold) <= TOLERANCE
+
+
+def is_correct(text: Any, answer: Any) -> bool:
+    """The extracted answer's last number equals the gold number within ``TOLERANCE``."""
+    return _matches_gold(parse_number(extract_answer(text)), answer)
 
 
 def lenient_answer(text: Any) -> float | None:
     """Diagnostic only: the last number anywhere in the completion, tags or not."""
     return parse_number(completion_text(text))
+
+
+def is_lenient_correct(text: Any, answer: Any) -> bool:
+    """Diagnostic only: ``lenient_answer`` equals the gold number within ``TOLERANCE``."""
+    return _matches_gold(lenient_answer(text), answer)
+
+
+# A completion within this many tokens of its limit counts as out of limit (it was most likely cut off).
+OUT_OF_LIMIT_MARGIN = 3
+
+
+def is_out_of_limit(length: int, limit: int, margin: int = OUT_OF_LIMIT_MARGIN) -> bool:
+    """True when a completion reached its token limit or ended within ``margin`` tokens of it."""
+    return limit - length <= margin
+
+
+def model_efficiency(reference_lengths: Sequence[float], lengths: Sequence[float],
+                     correct: Sequence[bool]) -> float | None:
+    r"""Reference tokens per generated token over the correctly answered completions :math:`C`:
+
+    .. math:: \frac{\sum_{i \in C} o^{gt}_i}{\sum_{i \in C} o_i}
+
+    (> 1: correct answers are shorter than the reference solutions). None when nothing is correct.
+    """
+    if not len(reference_lengths) == len(lengths) == len(correct):
+        raise ValueError("reference_lengths, lengths and correct must have the same length")
+    reference = sum(float(r) for r, ok in zip(reference_lengths, correct) if ok)
+    generated = sum(float(n) for n, ok in zip(lengths, correct) if ok)
+    return reference / generated if generated > 0 else None
 
 
 # --------------------------------------------------------------------------------------------------

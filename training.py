@@ -73,7 +73,7 @@ BACKENDS = ("auto", "unsloth", "trl")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # A completion "reached the limit" when it ended within this many tokens of max_completion_length.
-OUT_OF_LIMIT_MARGIN = 3
+OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
 # Fields that define a run: resuming a folder whose saved run differs in one of them is an error.
 _RUN_IDENTITY = ("method", "lam", "reward_params", "budget", "budget_in_prompt", "model", "num_generations",
                  "per_device_train_batch_size", "steps_per_generation", "max_completion_length", "train_size",
@@ -240,6 +240,13 @@ def check_config(config: TrainConfig) -> None:
     """
     if config.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+    # These decide how completions are split across processes and steps: set them on TrainConfig, where the
+    # whole-group check below sees them, never through grpo_overrides.
+    guarded = sorted({"per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                      "num_generations", "generation_batch_size"} & set(config.grpo_overrides))
+    if guarded:
+        raise ValueError(f"grpo_overrides may not set {guarded}: use the TrainConfig fields, which are checked "
+                         "for whole groups per process")
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.report_to not in {"wandb", "none"}:
@@ -304,22 +311,11 @@ def out_of_limit(lengths: Sequence[int], limit: int, margin: int = OUT_OF_LIMIT_
     """Fraction of completions that reached the token limit or ended within ``margin`` tokens of it."""
     if not lengths:
         raise ValueError("out_of_limit needs at least one completion")
-    return sum(1 for n in lengths if n >= limit - margin) / len(lengths)
+    return sum(1 for n in lengths if rewards.is_out_of_limit(n, limit, margin)) / len(lengths)
 
 
-def model_efficiency(reference_lengths: Sequence[float], lengths: Sequence[float],
-                     correct: Sequence[bool]) -> float | None:
-    r"""Reference tokens per generated token over the correctly answered completions:
-
-    .. math:: \frac{\sum_{i \in C} o^{gt}_i}{\sum_{i \in C} o_i}
-
-    (> 1: correct answers are shorter than the reference solutions). None when nothing is correct.
-    """
-    if not len(reference_lengths) == len(lengths) == len(correct):
-        raise ValueError("reference_lengths, lengths and correct must have the same length")
-    reference = sum(float(r) for r, ok in zip(reference_lengths, correct) if ok)
-    generated = sum(float(n) for n, ok in zip(lengths, correct) if ok)
-    return reference / generated if generated > 0 else None
+# The same definition as evaluation's (one source: rewards.py).
+model_efficiency = rewards.model_efficiency
 
 
 def batch_metrics(lengths: Sequence[int], question_lengths: Sequence[int], reference_lengths: Sequence[int],
@@ -367,7 +363,7 @@ def format_live_view(records: Sequence[dict[str, Any]], step: int | None = None,
         gold = members[0].get("gold")
         lines.append(f"┌ question {group}{f' · gold {gold}' if gold is not None else ''}{where}")
         for member in members:
-            capped = " (limit)" if limit and member["length"] >= limit - OUT_OF_LIMIT_MARGIN else ""
+            capped = " (limit)" if limit and rewards.is_out_of_limit(member["length"], limit) else ""
             lines.append(f"│ {completion_symbol(member['correct'], member['format_ok'])} "
                          f"{member['length']:>{width}} tok  reward {member['reward']:+.2f}{capped}")
         right = sum(1 for m in members if m["correct"])
@@ -589,7 +585,7 @@ def _unsloth_problem() -> str | None:
         import unsloth  # noqa: F401  (must come before trl/transformers/peft so that its patches apply)
         from unsloth import FastLanguageModel
     except Exception as error:  # ImportError, or a CUDA/driver problem inside unsloth
-        return f"Unsloth did not import ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        return f"Unsloth did not import ({type(error).__name__}: {_first_line(error)})"
     import trl
 
     if "Unsloth" not in trl.GRPOTrainer.__name__:
@@ -598,10 +594,15 @@ def _unsloth_problem() -> str | None:
 
             PatchFastRL("GRPO", FastLanguageModel)
         except Exception as error:
-            return f"Unsloth could not patch TRL ({type(error).__name__}: {error})"
+            return f"Unsloth could not patch TRL ({type(error).__name__}: {_first_line(error)})"
         if "Unsloth" not in trl.GRPOTrainer.__name__:
             return "Unsloth imported but did not patch TRL's GRPOTrainer"
     return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (empty messages included), short enough for one printed line."""
+    return (str(error).splitlines() or [""])[0][:160]
 
 
 def resolve_backend(requested: str) -> tuple[str, str]:
@@ -777,7 +778,12 @@ def _save_emergency_checkpoint(trainer, checkpoints_dir: Path) -> Path | None:
     if step not in logged and trainer._metrics["train"]:
         # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
         trainer.log({})
-    trainer._save_checkpoint(trainer.model, trial=None)
+    # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)
+    finally:
+        trainer.args.save_total_limit = limit
     return target
 
 
@@ -831,7 +837,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
     precision = resolve_precision(config.precision)
     rank = int(os.environ.get("RANK", "0"))
-    if config.backend == "auto" and backend == "trl":
+    if config.backend == "auto" and backend == "trl" and rank == 0:
         print(f"Backend: trl ({reason})", flush=True)
     if config.report_to == "wandb":
         mode = _setup_wandb(config, output_dir)

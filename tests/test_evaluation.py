@@ -161,7 +161,7 @@ def hand_built_records():
     for index, (text, gold, _, length, limit, steps, reference) in enumerate(HAND_BUILT):
         records.append({"index": index, "gold": gold, "completion": text, **evaluation.score_completion(text, gold),
                         "length": length, "limit": limit, "steps": steps, "reference_length": reference,
-                        "out_of_limit": evaluation.is_out_of_limit(length, limit)})
+                        "out_of_limit": rewards.is_out_of_limit(length, limit)})
     return records
 
 

@@ -292,3 +292,15 @@ def test_default_lambda_keeps_any_correct_answer_above_any_incorrect_one():
     worst_correct = CORRECT_REWARD + FORMAT_REWARD - 2 * rewards.DEFAULT_LAMBDA
     best_incorrect = FORMAT_REWARD
     assert worst_correct > best_incorrect
+
+
+def test_out_of_limit_means_reaching_the_limit_or_ending_within_three_tokens_of_it():
+    assert [rewards.is_out_of_limit(n, 512) for n in (512, 509, 508, 10)] == [True, True, False, False]
+
+
+def test_model_efficiency_counts_only_correct_completions():
+    # Correct answers of 50 and 150 tokens for references of 100 and 100: 200 / 200.
+    assert rewards.model_efficiency([100, 100, 300], [50, 150, 10], [True, True, False]) == 1.0
+    assert rewards.model_efficiency([100], [50], [False]) is None
+    with pytest.raises(ValueError, match="same length"):
+        rewards.model_efficiency([1, 2], [1], [True])

@@ -492,3 +492,14 @@ def _distributed_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     _distributed_worker(Path(sys.argv[1]))
+
+
+def test_grpo_overrides_cannot_bypass_the_whole_group_check():
+    config = training.TrainConfig(grpo_overrides={"per_device_train_batch_size": 3})
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        training.check_config(config)
+
+
+def test_an_unsloth_error_without_a_message_still_gives_one_line():
+    assert training._first_line(AssertionError()) == ""
+    assert training._first_line(ImportError("no GPU\ntraceback details")) == "no GPU"
