@@ -1139,9 +1139,7 @@ def _torch_dtype(config: EvalConfig):
 
     if config.dtype is not None:
         return getattr(torch, config.dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[runtime.default_precision()]
 
 
 def load_tokenizer(config: EvalConfig, adapter_dir: Path | None = None) -> Any:
@@ -1190,18 +1188,6 @@ def load_model(config: EvalConfig, tokenizer: Any, adapter_dir: Path | None = No
 # ==================================================================================================
 # Evaluate
 # ==================================================================================================
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "vllm", "unsloth", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
 
 def _git_commit() -> str | None:
     try:
@@ -1471,7 +1457,7 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
                        "stop_token_ids": eos, "system_prompt": data.SYSTEM_PROMPT,
                        "chat_template": "tokenizer's (data.render_prompt)"},
         "settings": settings, "limit": config.limit, "shuffle": config.shuffle, "seed": config.seed,
-        "versions": _versions(), "git_commit": _git_commit(), "device": _device_name(),
+        "versions": runtime.library_versions(), "git_commit": _git_commit(), "device": _device_name(),
         "timing": {"wall_s": None, "generation_s": generation_s, "generated_tokens": generated,
                    "tokens_per_s": generated / generation_s if generation_s > 0 else None},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

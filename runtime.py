@@ -21,6 +21,29 @@ GSM8K_HUB_ID = "openai/gsm8k"
 _REPO_DIR = Path(__file__).resolve().parent
 
 
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None when absent), for run records."""
+    import platform
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "vllm", "unsloth", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def default_precision() -> str:
+    """``bf16`` on GPUs that support it, ``fp16`` on other GPUs (the T4), ``fp32`` on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def in_colab() -> bool:
     return "google.colab" in sys.modules
 

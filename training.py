@@ -51,7 +51,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -540,15 +539,6 @@ def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "unsloth"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = str(getattr(module, "__version__", "?"))
-    return versions
-
-
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -623,13 +613,7 @@ def resolve_backend(requested: str) -> tuple[str, str]:
 
 def resolve_precision(precision: str) -> str:
     """``auto``: bf16 where the GPU supports it, fp16 on other GPUs (T4), fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return runtime.default_precision() if precision == "auto" else precision
 
 
 def _torch_dtype(precision: str):
@@ -904,7 +888,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
             "precision": precision, "num_processes": world_size(), "use_vllm": use_vllm,
             "train_seconds": train_seconds, "train_seconds_total": sum(s["seconds"] for s in sessions),
             "global_step": trainer.state.global_step, "resumed_from": str(resume_from) if resume_from else None,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": runtime.library_versions(),
         }
         _write_json(adapter_dir / "run_config.json", record)
         _write_json(output_dir / "log_history.json", trainer.state.log_history)

@@ -182,7 +182,7 @@ def main() -> None:
     tokenizer = runtime.load_tokenizer(args.tokenizer)
     prompts = test_prompts(tokenizer, args.gsm8k)[:args.limit]
     meta = {"date": _dt.date.today().isoformat(), "device": evaluation._device_name(),
-            "versions": evaluation._versions(), "python": platform.python_version(),
+            "versions": evaluation.runtime.library_versions(), "python": platform.python_version(),
             "cuda": torch.version.cuda, "max_new_tokens": args.max_new_tokens}
     print(json.dumps({"meta": meta}), flush=True)
     rows: list[dict] = []
