@@ -353,19 +353,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write then rename, so an interrupted run never leaves a half file that looks complete.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def save_records(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write per-question records as JSON lines."""
-    path = Path(path)
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records))
-    return path
+    lines = (json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+    return runtime.write_atomic(path, "".join(lines))
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -1048,13 +1039,11 @@ def _drive_path(text: str) -> Path | None:
                          ("MyDrive/", "/content/drive/MyDrive")):
         if text.startswith(prefix):
             path = Path(base) / text[len(prefix):]
-            if not Path("/content/drive/MyDrive").exists():
+            if not (runtime.DRIVE_MOUNT / "MyDrive").exists():
                 if not runtime.in_colab():
                     raise AdapterError(f"adapter {text!r} is a Google Drive path, but this is not Colab "
                                        "(copy the adapter folder locally and pass that path)")
-                from google.colab import drive  # type: ignore[import-not-found]
-
-                drive.mount("/content/drive")
+                runtime.mount_drive()
             return path
     return None
 
@@ -1465,7 +1454,7 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
     }
     save_records(records, results_path)
     summary["timing"]["wall_s"] = time.perf_counter() - started
-    _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    runtime.write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
     print(f"Wrote {results_path} and {summary_path.name}", flush=True)
     return summary
 

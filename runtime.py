@@ -187,15 +187,35 @@ def setup_wandb(project: str = "length-rl-gsm8k") -> str:
     return os.environ["WANDB_MODE"]
 
 
+DRIVE_MOUNT = Path("/content/drive")
+
+
+def mount_drive() -> Path:
+    """Mount Google Drive at ``/content/drive`` unless it is mounted already (Colab only); returns the mount."""
+    if not (DRIVE_MOUNT / "MyDrive").exists():
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount(str(DRIVE_MOUNT))
+    return DRIVE_MOUNT
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file, then rename it: an interrupted run never leaves a half file that looks
+    complete (the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
 def output_dir(folder: str, save_to_drive: bool = False, drive_root: str = "MyDrive/length-rl") -> Path:
     """Where a run writes: Google Drive when asked (mounted on demand in Colab), else ``outputs/<folder>``."""
     if save_to_drive:
         if not in_colab():
             raise RuntimeError("save_to_drive=True needs Google Colab; set it to False to write to local disk")
-        from google.colab import drive  # type: ignore[import-not-found]
-
-        drive.mount("/content/drive")
-        path = Path("/content/drive") / drive_root / folder
+        path = mount_drive() / drive_root / folder
     else:
         path = Path("outputs") / folder
     path.mkdir(parents=True, exist_ok=True)

@@ -556,9 +556,7 @@ def _check_same_run(output_dir: Path, config: TrainConfig) -> None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2), encoding="utf-8")
-    tmp.replace(path)  # atomic: a disconnect never leaves half a file
+    runtime.write_atomic(path, json.dumps(_jsonable(payload), indent=2))  # a disconnect never leaves half a file
 
 
 # --------------------------------------------------------------------------------------------------
