@@ -8,8 +8,10 @@ One small module so that notebooks, CLIs and tests agree on:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +222,25 @@ def output_dir(folder: str, save_to_drive: bool = False, drive_root: str = "MyDr
         path = Path("outputs") / folder
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class ConfigError(ValueError):
+    """A setting or input the user must change. CLIs print it as one line (no traceback unless ``--debug``)."""
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``value`` (cache lengths, batch splits)."""
+    return -(-value // multiple) * multiple
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool = False, prog: str = sys.argv[0]) -> Iterator[None]:
+    """CLI guard: a ``ConfigError`` (or a missing file) ends the program with one line naming the problem and
+    exit status 2; ``debug`` re-raises it with the full traceback instead."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f"{Path(prog).name}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
