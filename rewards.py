@@ -15,16 +15,41 @@ than any incorrect one (at most 0.5), so length never outweighs being right.
 
 Literature rewards (Kimi k1.5, GRPO-LEAD, L1-Exact, DAPO's overlong punishment, Arora & Zanette) follow the
 study's methods with the same contract; their defaults are set against the same scale.
+
+Scoring contract (``extract_answer``, ``parse_number``, ``is_correct``; evaluation uses the same functions).
+
+- The text scored is the completion string, or in a chat-format completion (a list of messages) the
+  concatenated content of its ``assistant`` messages only: an ``<answer>`` in a system, user or tool turn, or
+  in a message without a role, is not the model's answer.
+- The answer is the text between the last ``<answer>`` and the first ``</answer>`` after it; none without both.
+- Its value is its LAST number, after removing ``$``, ``%`` and ``,`` (so ``1,234`` is 1234 and ``3,5`` is 35):
+  ``<answer>first 3 then 18</answer>`` scores 18. Digits are ASCII only.
+- A number may have a decimal part and an exponent: ``1e3`` is 1000 (not 3), ``2.5E-1`` is 0.25. A value that
+  does not fit a float (``1e999``) is no number.
+- Thousands may be grouped by a regular, no-break (U+00A0), thin (U+2009) or narrow no-break (U+202F) space:
+  ``1 000`` is 1000 (not 0). Grouping needs groups of exactly three digits (``1 0000`` is the numbers 1 and
+  0000, so 0).
+- ``-`` and the Unicode minus U+2212 are a minus sign only when they are not preceded by a number (spaces in
+  between allowed): ``-7`` and ``x = −7`` are -7, but a hyphen between two numbers is an operator or a range,
+  so the last number stands alone: ``3-5`` scores 5 (never -5) and ``2024-42`` scores 42, as ``2024 - 42``
+  would. Scoring the last operand is the same rule as ``first 3 then 18``; only a bare final number is
+  reliably right, and a sign borrowed from an operator would turn a range or a date into a negative answer.
+  Other dashes (en dash, em dash) are never signs.
+- Correct means that value equals the gold number (after ``####`` in a GSM8K solution) within ``TOLERANCE``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
+import numbers
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
+
+import runtime
 
 CORRECT_REWARD = 2.0
 FORMAT_REWARD = 0.5
@@ -35,7 +60,13 @@ _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 _TAGS = ("<reasoning>", "</reasoning>", _ANSWER_OPEN, _ANSWER_CLOSE)
 _FORMAT = re.compile(r"<reasoning>(.*)</reasoning>\s*<answer>(.*)</answer>", re.DOTALL)
 # ASCII digits only: a model writing Arabic-Indic or full-width digits is not giving a GSM8K answer.
-_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+# A number: digits with an optional decimal part (or a bare decimal part), then an optional exponent; the
+# sign, "-" or the Unicode minus, is captured apart because it is a sign only when no number precedes it.
+_NUMBER = re.compile(r"(?P<sign>[-\u2212])?(?P<number>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)")
+# Thousands grouped by a regular, no-break, thin or narrow no-break space, in groups of exactly three digits.
+_SPACE_GROUPED = re.compile(r"(?<![0-9.])[0-9]{1,3}(?:[ \u00a0\u2009\u202f][0-9]{3})+(?![0-9])")
+_GROUP_SPACES = re.compile(r"[ \u00a0\u2009\u202f]")
+_DIGITS = frozenset("0123456789")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,12 +74,14 @@ _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 # --------------------------------------------------------------------------------------------------
 
 def completion_text(completion: Any) -> str:
-    """The text of one completion: a string, or the assistant content of a conversational completion."""
+    """The text of one completion: a string, or the content of the ``assistant`` messages of a conversational
+    completion (other roles, and messages without one, are not the model's answer)."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
         content = completion.get("content")
-        return content if isinstance(content, str) else ""
+        is_assistant = completion.get("role") == "assistant"
+        return content if is_assistant and isinstance(content, str) else ""
     if isinstance(completion, (list, tuple)):
         return "".join(completion_text(message) for message in completion)
     return ""
@@ -65,17 +98,24 @@ def extract_answer(text: Any) -> str | None:
 
 
 def parse_number(text: str | None) -> float | None:
-    """The last number in ``text`` after removing ``$``, ``,`` and ``%``; None when there is no number."""
+    """The last number in ``text`` after removing ``$``, ``,`` and ``%``; None when there is no number.
+
+    Exponents count (``1e3`` is 1000), space-grouped thousands are joined (``1 000`` is 1000), and ``-`` or
+    U+2212 is a sign only when no number precedes it (``3-5`` is 5): see the scoring contract above.
+    """
     if not isinstance(text, str):
         return None
-    cleaned = text.replace("$", "").replace(",", "").replace("%", "").strip()
-    matches = _NUMBER.findall(cleaned)
+    # Join space-grouped thousands before the commas go, so that "3, 100" stays the two numbers 3 and 100.
+    joined = _SPACE_GROUPED.sub(lambda match: _GROUP_SPACES.sub("", match.group()), text)
+    cleaned = joined.replace("$", "").replace(",", "").replace("%", "")
+    matches = list(_NUMBER.finditer(cleaned))
     if not matches:
         return None
-    try:
-        value = float(matches[-1])
-    except ValueError:  # e.g. a lone "-" cannot match, but stay defensive
-        return None
+    last = matches[-1]
+    value = float(last.group("number"))
+    # A hyphen right after a number (spaces allowed) is an operator or a range ("3-5", "2024-42"), not a sign.
+    if last.group("sign") and cleaned[:last.start()].rstrip()[-1:] not in _DIGITS:
+        value = -value
     return value if math.isfinite(value) else None
 
 
@@ -588,17 +628,12 @@ METHODS: dict[str, tuple[Callable[..., list[float]], ...]] = {
 def reward_functions(method: str, **params: Any) -> list[Callable[..., list[float]]]:
     """The reward functions of a method, each configured with the ``params`` it accepts (e.g. ``lam=0.3``).
 
-    A parameter that no function of the method accepts is an error, so a typo cannot be silently ignored.
+    ``params`` are checked by ``check_params`` first: a parameter that no function of the method accepts (a
+    typo, a dataset column), or a value of the wrong type or out of range, is a ``runtime.ConfigError``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    functions = METHODS[method]
-    accepted = {name for f in functions for name in inspect.signature(f).parameters} - {"kwargs"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ValueError(f"method {method!r} takes no parameter(s) {unknown}")
+    params = check_params(method, params)
     result = []
-    for function in functions:
+    for function in METHODS[method]:
         own = {k: v for k, v in params.items() if k in inspect.signature(function).parameters}
         result.append(configured(function, **own) if own else function)
     return result
@@ -610,7 +645,7 @@ _TRL_ARGUMENTS = frozenset({"completions", "prompts", "completion_ids", "kwargs"
 
 def _method_signature(method: str) -> dict[str, inspect.Parameter]:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        raise runtime.ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     found: dict[str, inspect.Parameter] = {}
     for function in METHODS[method]:
         for name, parameter in inspect.signature(function).parameters.items():
@@ -636,3 +671,131 @@ def method_columns(method: str) -> set[str]:
     """
     settings = method_parameters(method)
     return {name for name in _method_signature(method) if name not in settings and name != "question_id"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward parameters: name, type and range checked before any model loads
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamRange:
+    """The numbers a reward parameter may take, from ``low`` to ``high`` (each end open or closed), and why."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low == -math.inf:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Above this alpha, GRPO-LEAD's exp(-alpha * z) could overflow. With a sample standard deviation a z-score
+# is bounded by |z| <= (n - 1) / sqrt(n) < sqrt(n) (Samuelson's inequality; the epsilon only shrinks it), and
+# math.exp overflows above ln(max float) = 709.78. alpha <= 10 keeps alpha * |z| <= 709.78 for every group of
+# up to 5,000 completions per prompt, far beyond any num_generations (the authors' alpha is 0.05).
+GRPO_LEAD_ALPHA_MAX = 10.0
+
+_PENALTY_NOT_BONUS = "a negative value would turn the length penalty into a bonus"
+
+# Every setting of every reward function in METHODS, with the range its formula needs (a test checks that
+# none is missing). Ints are accepted for floats; an int default (a token count) requires an int.
+PARAM_RANGES: dict[Callable[..., list[float]], dict[str, ParamRange]] = {
+    answer_length_reward: {"lam": ParamRange(0.0, why=_PENALTY_NOT_BONUS)},
+    group_length_reward: {"lam": ParamRange(0.0, why=_PENALTY_NOT_BONUS)},
+    kimi_length_reward: {"weight": ParamRange(0.0, why="a negative weight would reward the longest answers")},
+    grpo_lead_reward: {
+        "alpha": ParamRange(0.0, GRPO_LEAD_ALPHA_MAX, why="a negative alpha rewards longer correct answers, and "
+                            f"above {GRPO_LEAD_ALPHA_MAX:g} exp(-alpha * z) can overflow"),
+        # A correct answer earns C * exp(-alpha * z) > 0, which can come arbitrarily close to 0: only a
+        # non-positive value for a wrong answer keeps every correct answer above every wrong one.
+        "incorrect_reward": ParamRange(high=0.0, why="a wrong answer must never earn more than a correct one"),
+    },
+    l1_exact_reward: {"alpha": ParamRange(0.0, why="a negative alpha would reward missing the target")},
+    dapo_overlong_reward: {
+        "max_completion_length": ParamRange(1.0, why="the limit is a number of tokens"),
+        "cache_fraction": ParamRange(0.0, 1.0, low_open=True, why="the punishment interval is part of the limit"),
+    },
+    # The paper's reward for a correct answer, 1 - alpha * sigmoid(z), stays above a wrong answer's 0 only
+    # when alpha < 1 (sigmoid can round to 1).
+    efficient_length_reward: {"alpha": ParamRange(0.0, 1.0, high_open=True,
+                                                  why="alpha >= 1 can score a correct answer as low as a wrong one")},
+}
+
+
+def _check_value(method: str, name: str, value: Any, default: Any, ranges: list[ParamRange]) -> int | float:
+    wants_int = isinstance(default, int) and not isinstance(default, bool)
+    kind = "an integer" if wants_int else "a finite number"
+    allowed = f"{name} takes {kind} {' and '.join(dict.fromkeys(str(r) for r in ranges))} (default {default!r})"
+    where = f"method {method!r}: reward parameter {name}={value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if wants_int else numbers.Real):
+        raise runtime.ConfigError(f"{where} is not {kind}; {allowed}")
+    number = int(value) if wants_int else float(value)
+    if not math.isfinite(number):
+        raise runtime.ConfigError(f"{where} is not {kind}; {allowed}")
+    for allowed_range in ranges:
+        if number not in allowed_range:
+            raise runtime.ConfigError(f"{where} is out of range; {allowed}: {allowed_range.why}")
+    return number
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The reward parameters ``params`` of ``method``, checked and normalised (ints become floats where the
+    default is a float); loads nothing, so a CLI or notebook can call it before any model.
+
+    Each name must be a setting of one of the method's reward functions (``method_parameters``); a dataset
+    column such as ``answer`` is not one. Each value must be a finite number (an integer where the default is
+    one, e.g. a token count; never a bool or a string) inside every ``PARAM_RANGES`` entry of the functions
+    that take it. Anything else is a ``runtime.ConfigError`` of one line naming the method, the parameter,
+    the value and what is allowed.
+    """
+    settings = method_parameters(method)  # raises ConfigError for an unknown method
+    checked: dict[str, Any] = {}
+    for name, value in params.items():
+        if name not in settings:
+            offered = f"its parameters are {sorted(settings)}" if settings else "it takes no parameters"
+            if name in _method_signature(method):
+                raise runtime.ConfigError(f"method {method!r}: {name} is a dataset column, not a reward "
+                                          f"parameter; {offered}")
+            raise runtime.ConfigError(f"method {method!r} has no reward parameter {name!r}; {offered}")
+        ranges = [PARAM_RANGES[f][name] for f in METHODS[method] if name in inspect.signature(f).parameters]
+        checked[name] = _check_value(method, name, value, settings[name], ranges)
+    return checked
+
+
+def effective_params(method: str, params: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
+    """The reward parameters a run of ``method`` trains with, checked by ``check_params``.
+
+    ``settings`` are the run's own fields that are also reward parameters (``lam``, and the generation limit
+    ``max_completion_length`` that DAPO's punishment must use); each applies when the method takes it and is
+    dropped otherwise (``lam`` means nothing to ``kimi``). ``params`` are the extra ``reward_params``.
+
+    One value per parameter: a setting that ``params`` gives again with a different value is a
+    ``runtime.ConfigError`` naming both (``lam=0.5`` with ``reward_params`` ``lam=0.1``), so what trains is
+    always what the run's banner and record show. The same value given twice is accepted.
+    """
+    known = {name for m in METHODS for name in method_parameters(m)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"effective_params: {unknown} are not reward parameters of any method")
+    taken = method_parameters(method)
+    own = check_params(method, {name: value for name, value in settings.items() if name in taken})
+    extra = check_params(method, params)
+    for name in sorted(set(own) & set(extra)):
+        if own[name] != extra[name]:
+            raise runtime.ConfigError(
+                f"method {method!r}: {name} is set twice, {name}={settings[name]!r} and reward_params "
+                f"{name}={params[name]!r}; set it in one place")
+    return {**own, **extra}

@@ -6,6 +6,7 @@ that interleaved groups score as separate calls.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -27,6 +28,7 @@ from rewards import (
     l1_exact_penalty,
     l1_exact_reward,
 )
+from runtime import ConfigError
 
 GOOD = "<reasoning>\n2 + 2 = 4\n</reasoning>\n<answer>\n4\n</answer>"
 WRONG = "<reasoning>\n2 + 2 = 5\n</reasoning>\n<answer>\n5\n</answer>"
@@ -393,6 +395,95 @@ def test_reward_functions_routes_each_setting_to_the_reward_that_takes_it():
         == [1.0, -1.0]
     with pytest.raises(ValueError, match="lam"):
         rewards.reward_functions("kimi", lam=0.5)
+
+
+# --- reward parameters ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("kimi", {"weight": "abc"}, r"method 'kimi': reward parameter weight='abc' is not a finite number; "
+                                    r"weight takes a finite number >= 0 \(default 1\.0\)"),
+        ("kimi", {"weight": -1.0}, "weight=-1.0 is out of range.*reward the longest"),
+        ("grpo_lead", {"alpha": -800.0}, r"method 'grpo_lead': reward parameter alpha=-800\.0 is out of range; "
+                                         r"alpha takes a finite number in \[0, 10\]"),
+        ("grpo_lead", {"alpha": 10.5}, "overflow"),
+        ("grpo_lead", {"incorrect_reward": 0.5}, "incorrect_reward=0.5 is out of range.*<= 0"),
+        ("l1_exact", {"alpha": -0.003}, "alpha=-0.003 is out of range.*missing the target"),
+        ("dapo_overlong", {"max_completion_length": 0}, "max_completion_length=0 is out of range.*>= 1"),
+        ("dapo_overlong", {"max_completion_length": 512.0}, "max_completion_length=512.0 is not an integer"),
+        ("dapo_overlong", {"cache_fraction": 0.0}, r"cache_fraction=0\.0 is out of range.*in \(0, 1\]"),
+        ("dapo_overlong", {"cache_fraction": 1.5}, r"cache_fraction=1\.5 is out of range"),
+        ("efficient_reasoning", {"alpha": 1.0}, r"alpha=1\.0 is out of range.*in \[0, 1\)"),
+        ("efficient_reasoning", {"answer": "#### 4"}, "answer is a dataset column"),
+        ("l1_exact", {"target_length": 100}, "target_length is a dataset column"),
+    ],
+)
+def test_each_literature_parameter_is_checked_for_type_and_range(method, params, message):
+    with pytest.raises(ConfigError, match=message):
+        rewards.check_params(method, params)
+    with pytest.raises(ConfigError, match=message):
+        rewards.reward_functions(method, **params)
+
+
+def test_grpo_lead_alpha_bound_is_where_exp_could_first_overflow():
+    # A z-score is at most (n - 1) / sqrt(n): one short correct answer among n - 1 long ones reaches it.
+    def worst_group(n):
+        return [0] + [100] * (n - 1), [True] * n
+
+    values = grpo_lead_for_group(*worst_group(5000), alpha=rewards.GRPO_LEAD_ALPHA_MAX)
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    with pytest.raises(OverflowError):  # why the range is needed: an unchecked alpha overflows in small groups
+        grpo_lead_for_group([100] * 7 + [500], [True] * 8, alpha=-800.0)
+    assert rewards.check_params("grpo_lead", {"alpha": rewards.GRPO_LEAD_ALPHA_MAX}) == {"alpha": 10.0}
+
+
+def test_efficient_alpha_below_one_keeps_every_correct_answer_above_a_wrong_one():
+    # alpha = 0.99: a correct answer far longer than the others still gets C * (1 - 0.99 * sigmoid(z)) > 0.
+    values = rewards.reward_functions("efficient_reasoning", alpha=0.99)
+    batch = dict(completions=[GOOD] * 7 + [GOOD], answer=[SOLUTION] * 8, completion_ids=[ids(10)] * 7 + [ids(500)],
+                 prompts=["p"] * 8)
+    totals = [sum(v) for v in zip(*(f(**batch) for f in values))]
+    assert min(totals) > rewards.FORMAT_REWARD  # above a wrong but well-formatted answer's 0.5
+
+
+def test_every_setting_of_every_method_has_a_checked_range():
+    for method in rewards.METHODS:
+        for function in rewards.METHODS[method]:
+            own = set(rewards.method_parameters(method)) & set(inspect.signature(function).parameters)
+            assert own == set(rewards.PARAM_RANGES.get(function, {})), (method, function.__name__)
+
+
+def _valid_value(data, method, name):
+    """A value inside every range of the functions of ``method`` that take ``name`` (an int or a float)."""
+    default = rewards.method_parameters(method)[name]
+    ranges = [rewards.PARAM_RANGES[f][name] for f in rewards.METHODS[method] if name in rewards.PARAM_RANGES.get(f, {})]
+    low, high = max(r.low for r in ranges), min(r.high for r in ranges)
+    if isinstance(default, int):
+        return data.draw(st.integers(max(1, int(low)), 100_000))
+    low_open, high_open = any(r.low_open for r in ranges), any(r.high_open for r in ranges)
+    floats = st.floats(max(low, -1e6), min(high, 1e6), exclude_min=low_open, exclude_max=high_open)
+    ints = st.integers(math.ceil(max(low, -1e6)), math.floor(min(high, 1e6)))
+    ints = ints.filter(lambda v: all(v in r for r in ranges))
+    return data.draw(st.one_of(floats, ints))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(rewards.METHODS)), st.data())
+def test_valid_parameters_never_raise_and_configure_rewards_that_run(method, data):
+    names = data.draw(st.sets(st.sampled_from(sorted(rewards.method_parameters(method)) or ["-"])))
+    params = {name: _valid_value(data, method, name) for name in names if name != "-"}
+    checked = rewards.check_params(method, params)
+    assert set(checked) == set(params)
+    for name, value in checked.items():
+        assert type(value) is type(rewards.method_parameters(method)[name])
+    n = data.draw(st.integers(1, 16))
+    batch = _batch(data.draw(st.lists(st.integers(0, 600), min_size=n, max_size=n)),
+                   data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), [0] * n)
+    batch["reference_length"] = [100] * n
+    for function in rewards.reward_functions(method, **checked):
+        values = function(**batch)
+        assert len(values) == n and all(math.isfinite(v) for v in values)
 
 
 # --- real TRL ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from rewards import (
     is_format_ok,
     parse_number,
 )
+from runtime import ConfigError
 
 GOOD = "<reasoning>\n2 + 2 = 4\n</reasoning>\n<answer>\n4\n</answer>"
 SOLUTION = "Two and two make four.\n#### 4"
@@ -67,6 +68,87 @@ def test_parse_number_normalises_and_takes_the_last_number(text, expected):
     assert parse_number(text) == expected
 
 
+def test_scientific_notation_is_one_number():
+    assert parse_number("1e3") == 1000.0  # not 3
+    assert parse_number("2.5E-1") == 0.25
+    assert parse_number("6e+2 apples") == 600.0
+    assert parse_number("1e999") is None  # does not fit a float: no number
+    assert is_correct("<answer>1e3</answer>", "#### 1000")
+    assert not is_correct("<answer>1e3</answer>", "#### 3")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3-5", 5.0),  # a range or a subtraction: the last number stands alone, never -5
+        ("3 - 5", 5.0),
+        ("3 -5", 5.0),
+        ("2024-42", 42.0),  # the number after the operator, as "2024 - 42" would give
+        ("1-2-3", 3.0),
+        ("1e3-5", 5.0),
+        ("$3-$5", 5.0),
+        ("-5", -5.0),  # nothing before it: a sign
+        ("x = -5", -5.0),
+        ("the change is -5", -5.0),
+        ("2e-3", 0.002),  # an exponent's sign is part of the number
+    ],
+)
+def test_a_hyphen_between_two_numbers_is_not_a_minus_sign(text, expected):
+    assert parse_number(text) == expected
+
+
+def test_a_range_does_not_score_as_a_negative_answer():
+    assert not is_correct("<answer>3-5</answer>", "#### -5")
+    assert is_correct("<answer>2024-42</answer>", "#### 42")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\u22127", -7.0),
+        ("x = \u22127", -7.0),
+        ("5 \u2212 3", 3.0),  # between numbers it is an operator, like "-"
+        ("\u2013" + "5", 5.0),  # an en dash is never a sign
+    ],
+)
+def test_the_unicode_minus_is_a_minus_sign(text, expected):
+    assert parse_number(text) == expected
+    assert is_correct("<answer>\u221212</answer>", "#### -12")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1 000", 1000.0),  # regular space, not 0
+        ("1\u2009000", 1000.0),  # thin space
+        ("1\u202f000", 1000.0),  # narrow no-break space
+        ("1\u00a0000", 1000.0),  # no-break space
+        ("12 345 678.5", 12345678.5),
+        ("$1 000", 1000.0),
+        ("-1 000", -1000.0),
+        ("1 0000", 0.0),  # not groups of three: the numbers 1 and 0000
+        ("3, 100", 100.0),  # a comma then a space separates two numbers
+        ("0.5 100", 100.0),  # a decimal part is not a thousands group
+    ],
+)
+def test_space_grouped_thousands_are_one_number(text, expected):
+    assert parse_number(text) == expected
+
+
+def test_space_grouped_thousands_score_as_the_whole_number():
+    assert is_correct("<answer>1 000</answer>", "#### 1,000")
+    assert is_correct("<answer>$1\u202f250</answer>", "#### 1250")
+
+
+def test_every_gsm8k_gold_answer_is_the_integer_after_the_hashes(gsm8k_dir):
+    import json
+
+    for split in ("train", "test"):
+        for line in (gsm8k_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            answer = json.loads(line)["answer"]
+            assert rewards.gold_number(answer) == int(answer.split("####")[-1].strip().replace(",", "")), answer
+
+
 @pytest.mark.parametrize(
     ("text", "ok"),
     [
@@ -99,6 +181,18 @@ def test_conversational_completions_are_scored_like_strings():
     conversational = [[{"role": "assistant", "content": GOOD}]]
     assert format_reward(conversational) == [FORMAT_REWARD]
     assert correctness_reward(conversational, answer=[SOLUTION]) == [CORRECT_REWARD]
+
+
+def test_only_assistant_turns_are_scored_in_a_chat_completion():
+    user_answer = [{"role": "user", "content": "<answer>4</answer>"}, {"role": "assistant", "content": "I think 5"}]
+    system_answer = [{"role": "system", "content": GOOD}, {"role": "assistant", "content": "<answer>5</answer>"}]
+    no_role = [{"content": GOOD}]
+    assert correctness_reward([user_answer, system_answer, no_role], answer=[SOLUTION] * 3) == [0.0] * 3
+    assert format_reward([[{"role": "user", "content": GOOD}], no_role]) == [0.0, 0.0]
+    assert extract_answer(system_answer) == "5"
+    # The assistant's answer is found even after other turns.
+    after_user = [{"role": "user", "content": "<answer>9</answer>"}, {"role": "assistant", "content": GOOD}]
+    assert correctness_reward([after_user], answer=[SOLUTION]) == [CORRECT_REWARD]
 
 
 def test_format_and_correctness_rewards():
@@ -286,6 +380,75 @@ def test_reward_functions_passes_lambda_and_rejects_unknown_parameters():
         rewards.reward_functions("shortest")
     with pytest.raises(ValueError, match="alpha"):
         rewards.reward_functions("baseline", alpha=1.0)
+
+
+def test_a_negative_lambda_is_rejected_because_it_would_turn_the_penalty_into_a_bonus():
+    # Why: with lam < 0 the completion farthest from its reference would earn the most.
+    assert answer_length_penalty([100, 200], [100, 100], lam=-0.5) == [0.0, 0.5]
+    for method in ("ans_len", "group", "group_ans_len"):
+        with pytest.raises(ConfigError, match=rf"method '{method}': reward parameter lam=-0.5 .*>= 0.*bonus"):
+            rewards.check_params(method, {"lam": -0.5})
+        with pytest.raises(ConfigError, match=r"lam=-0\.5"):
+            rewards.reward_functions(method, lam=-0.5)
+    assert rewards.check_params("group", {"lam": 0}) == {"lam": 0.0}
+
+
+@pytest.mark.parametrize("bad", ["abc", "0.1", None, True, [0.1], float("nan"), float("inf")])
+def test_lambda_must_be_a_finite_number(bad):
+    with pytest.raises(ConfigError, match=r"method 'group': reward parameter lam=.* is not a finite number"):
+        rewards.check_params("group", {"lam": bad})
+
+
+def test_check_params_accepts_ints_for_floats_and_returns_floats():
+    checked = rewards.check_params("group_ans_len", {"lam": 1})
+    assert checked == {"lam": 1.0} and isinstance(checked["lam"], float)
+    assert rewards.check_params("baseline", {}) == {}
+
+
+def test_a_dataset_column_or_an_unknown_name_is_not_a_reward_parameter():
+    with pytest.raises(ConfigError, match=r"method 'group': answer is a dataset column, not a reward parameter; "
+                                          r"its parameters are \['lam'\]"):
+        rewards.check_params("group", {"answer": "#### 4"})
+    with pytest.raises(ConfigError, match="reference_length is a dataset column"):
+        rewards.reward_functions("ans_len", reference_length=[10])
+    with pytest.raises(ConfigError, match="method 'group' has no reward parameter 'lamda'"):
+        rewards.check_params("group", {"lamda": 0.5})
+    with pytest.raises(ConfigError, match="method 'baseline' has no reward parameter 'lam'; it takes no parameters"):
+        rewards.check_params("baseline", {"lam": 0.5})
+    with pytest.raises(ConfigError, match="unknown method 'shortest'"):
+        rewards.check_params("shortest", {})
+
+
+def test_every_parameter_error_is_one_line():
+    for method, params in [("group", {"lam": "abc"}), ("group", {"lam": -1}), ("group", {"answer": 1}),
+                           ("nope", {})]:
+        with pytest.raises(ConfigError) as error:
+            rewards.check_params(method, params)
+        assert "\n" not in str(error.value)
+
+
+def test_effective_params_use_the_runs_lambda_for_the_methods_that_take_it():
+    assert rewards.effective_params("group", {}, lam=0.3) == {"lam": 0.3}
+    assert rewards.effective_params("baseline", {}, lam=0.3) == {}  # no length reward: lam does not apply
+    assert rewards.effective_params("dapo_overlong", {"cache_fraction": 0.1}, lam=0.3, max_completion_length=256) \
+        == {"max_completion_length": 256, "cache_fraction": 0.1}
+
+
+def test_lambda_given_twice_with_different_values_is_an_error_naming_both():
+    # The run's lam (shown in its banner and record) and reward_params lam=0.1 must not silently disagree.
+    with pytest.raises(ConfigError, match=r"method 'group': lam is set twice, lam=0.5 and reward_params lam=0.1"):
+        rewards.effective_params("group", {"lam": 0.1}, lam=0.5)
+    assert rewards.effective_params("group", {"lam": 0.5}, lam=0.5) == {"lam": 0.5}
+    assert rewards.effective_params("group", {"lam": 1}, lam=1.0) == {"lam": 1.0}
+
+
+def test_effective_params_check_the_runs_own_settings_too():
+    with pytest.raises(ConfigError, match="lam=-1"):
+        rewards.effective_params("group", {}, lam=-1)
+    with pytest.raises(ConfigError, match="'lam'"):
+        rewards.effective_params("kimi", {"lam": 0.5}, lam=0.5)  # kimi has no lam to set
+    with pytest.raises(TypeError, match="learning_rate"):
+        rewards.effective_params("group", {}, learning_rate=1e-5)
 
 
 def test_default_lambda_keeps_any_correct_answer_above_any_incorrect_one():
