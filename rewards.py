@@ -29,7 +29,7 @@ Scoring contract (``extract_answer``, ``parse_number``, ``is_correct``; evaluati
 - Thousands may be grouped by a regular, no-break (U+00A0), thin (U+2009) or narrow no-break (U+202F) space:
   ``1 000`` is 1000 (not 0). Grouping needs groups of exactly three digits (``1 0000`` is the numbers 1 and
   0000, so 0).
-- ``-`` and the Unicode minus U+2212 are a minus sign only when they are not preceded by a number (spaces in
+- ``-`` and the Unicode minus U+2212 are a minus sign only when they are not preceded by a number (whitespace in
   between allowed): ``-7`` and ``x = −7`` are -7, but a hyphen between two numbers is an operator or a range,
   so the last number stands alone: ``3-5`` scores 5 (never -5) and ``2024-42`` scores 42, as ``2024 - 42``
   would. Scoring the last operand is the same rule as ``first 3 then 18``; only a bare final number is
@@ -765,11 +765,11 @@ def check_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for name, value in params.items():
         if name not in settings:
-            offered = f"its parameters are {sorted(settings)}" if settings else "it takes no parameters"
+            offered = f"its reward parameters are {sorted(settings)}" if settings else "it has no reward parameters"
             if name in _method_signature(method):
                 raise runtime.ConfigError(f"method {method!r}: {name} is a dataset column, not a reward "
                                           f"parameter; {offered}")
-            raise runtime.ConfigError(f"method {method!r} has no reward parameter {name!r}; {offered}")
+            raise runtime.ConfigError(f"method {method!r} takes no parameter {name!r}; {offered}")
         ranges = [PARAM_RANGES[f][name] for f in METHODS[method] if name in inspect.signature(f).parameters]
         checked[name] = _check_value(method, name, value, settings[name], ranges)
     return checked

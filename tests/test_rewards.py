@@ -407,13 +407,13 @@ def test_check_params_accepts_ints_for_floats_and_returns_floats():
 
 def test_a_dataset_column_or_an_unknown_name_is_not_a_reward_parameter():
     with pytest.raises(ConfigError, match=r"method 'group': answer is a dataset column, not a reward parameter; "
-                                          r"its parameters are \['lam'\]"):
+                                          r"its reward parameters are \['lam'\]"):
         rewards.check_params("group", {"answer": "#### 4"})
     with pytest.raises(ConfigError, match="reference_length is a dataset column"):
         rewards.reward_functions("ans_len", reference_length=[10])
-    with pytest.raises(ConfigError, match="method 'group' has no reward parameter 'lamda'"):
+    with pytest.raises(ConfigError, match="method 'group' takes no parameter 'lamda'"):
         rewards.check_params("group", {"lamda": 0.5})
-    with pytest.raises(ConfigError, match="method 'baseline' has no reward parameter 'lam'; it takes no parameters"):
+    with pytest.raises(ConfigError, match="method 'baseline' takes no parameter 'lam'; it has no reward parameters"):
         rewards.check_params("baseline", {"lam": 0.5})
     with pytest.raises(ConfigError, match="unknown method 'shortest'"):
         rewards.check_params("shortest", {})
