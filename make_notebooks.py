@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import sys
 from dataclasses import dataclass, field
@@ -84,24 +85,113 @@ def pinned_packages() -> list[str]:
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
+# The install cell's helpers run in the notebook before anything else is there, so they use the standard library
+# only; the cell embeds their source, and tests/test_colab_pins.py calls them here.
+
+def installed_version(name: str) -> str | None:
+    """The installed version of distribution ``name``; None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def keep_installed(packages: list[str], installed: dict[str, str | None],
+                   keep: tuple[str, ...] = ("numpy", "pillow")) -> list[str]:
+    """``packages`` plus ``name==<installed version>`` for each ``keep`` package that is installed and not listed.
+
+    Unsloth's T4 notebooks pin Colab's own numpy and pillow this way, so that vLLM's resolver cannot replace them
+    under a running kernel (imports then break until a restart)."""
+    listed = {package.split("==")[0].strip().lower().replace("_", "-") for package in packages}
+    kept = [f"{name}=={installed[name]}" for name in keep if installed.get(name) and name not in listed]
+    return [*packages, *kept]
+
+
+def install_command(python: str, uv: str | None) -> list[str]:
+    """``uv pip install`` when uv is on the PATH (``uv``: its path; it resolves this set far faster than pip),
+    else ``pip install``; both install into the environment of the interpreter ``python``."""
+    if uv:
+        return [uv, "pip", "install", "--quiet", "--python", python]
+    return [python, "-m", "pip", "install", "--quiet"]
+
+
+def imported_versions(names: list[str], modules: dict) -> dict[str, str]:
+    """The version this kernel loaded of each distribution in ``names`` whose module is already imported
+    (``modules``: ``sys.modules``). Read it before installing."""
+    versions: dict[str, str] = {}
+    for name in names:
+        module = modules.get({"pillow": "PIL"}.get(name, name.replace("-", "_")))
+        if module is not None:
+            version = getattr(module, "__version__", None) or installed_version(name)
+            if version:
+                versions[name] = str(version)
+    return versions
+
+
+def restart_reason(imported: dict[str, str], installed: dict[str, str | None]) -> str | None:
+    """One line asking for a restart when a package this kernel imported before the install (``imported``: the
+    version it loaded) has another version on disk now (``installed``); None when nothing imported has changed."""
+    changed = [f"{name} {version} -> {installed[name]}" for name, version in sorted(imported.items())
+               if installed.get(name) not in (None, version)]
+    if not changed:
+        return None
+    return ("Restart the runtime now (Runtime > Restart session) and run all cells again: the install replaced "
+            f"packages this kernel had already imported ({', '.join(changed)}).")
+
+
+def colab_install(packages: list[str], keep: tuple[str, ...] = ("numpy", "pillow")) -> None:
+    """Install ``packages`` the way Unsloth's T4 notebooks do (uv when present, Colab's ``keep`` packages pinned to
+    their installed versions), print how long it took, and say in one line when the runtime must restart."""
+    import subprocess
+    import sys
+    from importlib import invalidate_caches
+    from shutil import which
+    from time import perf_counter
+
+    names = [package.split("==")[0].strip().lower().replace("_", "-") for package in packages] + list(keep)
+    before = imported_versions(names, sys.modules)
+    pins = keep_installed(packages, {name: installed_version(name) for name in keep}, keep)
+    uv = which("uv")
+    command = install_command(sys.executable, uv)
+    start = perf_counter()
+    code = subprocess.run([*command, *pins], check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"installing the pinned packages failed ({' '.join(command[:3])} exited with {code}); "
+                           "its output is above")
+    invalidate_caches()
+    print(f"Installed {len(pins)} pinned packages with {'uv pip' if uv else 'pip'} in {perf_counter() - start:.0f} s")
+    reason = restart_reason(before, {name: installed_version(name) for name in before})
+    if reason:
+        print(reason)
+
+
+INSTALL_HELPERS = (installed_version, keep_installed, install_command, imported_versions, restart_reason,
+                   colab_install)
+
+
 def install_cell(kind: str) -> dict:
     packages = pinned_packages()
     if kind == "light":
         packages = [p for p in packages if p.split("==")[0].lower() in LIGHT_PACKAGES]
     listing = ",\n".join(f"        {p!r}" for p in packages)
+    helpers = "\n\n".join(inspect.getsource(helper) for helper in INSTALL_HELPERS)
     return code(
         f'''
 # @title Install pinned packages (on Colab only)
 # Runs before anything imports torch, so the pinned builds are the ones that load. Locally, install
-# requirements.txt instead (see README.md).
-import subprocess
+# requirements.txt instead (see README.md). As in Unsloth's T4 notebooks: uv when present, Colab's numpy
+# and pillow kept as they are. The helpers below are generated from make_notebooks.py (tested there).
 import sys
 
+
+{helpers}
+
 if "google.colab" in sys.modules:
-    PINNED = [
+    colab_install([
 {listing},
-    ]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *PINNED], check=True)
+    ])
 ''', form=True)
 
 

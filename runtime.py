@@ -38,12 +38,24 @@ def library_versions() -> dict[str, str | None]:
 
 
 def default_precision() -> str:
-    """``bf16`` on GPUs that support it, ``fp16`` on other GPUs (the T4), ``fp32`` on the CPU."""
+    """``bf16`` on GPUs that run it natively (``supports_bf16``), ``fp16`` on other GPUs (the T4), ``fp32`` on the CPU.
+
+    Training and Hugging Face evaluation both take it from here."""
     import torch
 
     if not torch.cuda.is_available():
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if supports_bf16() else "fp16"
+
+
+def supports_bf16() -> bool:
+    """True on a CUDA GPU of compute capability >= 8.0 (Ampere and newer), the GPUs with bf16 in hardware.
+
+    Not ``torch.cuda.is_bf16_supported()``: in torch 2.9 it counts emulation by default (``including_emulation=True``)
+    and says True on a T4 (7.5), where only Unsloth's import patches it back to False. vLLM refuses bf16 below 8.0
+    for the same reason (``check_if_supports_dtype`` in vllm 0.11.2 ``platforms/cuda.py``)."""
+    capability = cuda_capability()
+    return capability is not None and capability >= BF16_MIN_CAPABILITY
 
 
 def in_colab() -> bool:
@@ -244,3 +256,63 @@ def one_line_errors(debug: bool = False, prog: str = sys.argv[0]) -> Iterator[No
             raise
         print(f"{Path(prog).name}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU's compute capability, and the vLLM settings a T4 (7.5) needs
+# --------------------------------------------------------------------------------------------------
+
+BF16_MIN_CAPABILITY = (8, 0)
+
+# Set before unsloth or vllm is imported on GPUs below compute capability 8.0. Each setting was read in the pinned
+# sources (requirements-colab.txt), not run: unverified on a T4.
+T4_VLLM_ENVIRONMENT = {
+    # unsloth_zoo 2026.10.9 vllm_utils.py, load_vllm: without this switch it sets VLLM_ATTENTION_BACKEND=FLASHINFER
+    # and VLLM_USE_FLASHINFER_SAMPLER=1 on every GPU once vLLM >= 0.11 ("On 0.11.0, Flashinfer also works!"), and
+    # vllm 0.11.2 always installs flashinfer-python 0.5.2, which JIT-compiles its kernels and is reported broken on
+    # sm_75. With UNSLOTH_VLLM_NO_FLASHINFER=1 it turns the FlashInfer sampler off, drops a FLASHINFER backend and
+    # hides the flashinfer package from vLLM. Unverified on a T4.
+    "UNSLOTH_VLLM_NO_FLASHINFER": "1",
+    # vllm 0.11.2 platforms/cuda.py, _get_backend_priorities: decoder attention is FLASH_ATTN (needs 8.0), then
+    # FLASHINFER (7.5 to 12.1), then TRITON_ATTN (any GPU). Naming TRITON_ATTN skips FlashInfer where Unsloth is
+    # not in charge too (TRL's colocated vLLM, evaluation's vllm backend); unsloth_zoo keeps any non-empty value
+    # other than FLASHINFER. Unverified on a T4.
+    "VLLM_ATTENTION_BACKEND": "TRITON_ATTN",
+}
+# Not set, because the pinned sources show no T4-specific need: enforce_eager (no capability check in either
+# library), max_num_seqs (unsloth_zoo picks it from free memory and honours an explicit value), and the memory
+# share (with UNSLOTH_VLLM_STANDBY=1 unsloth_zoo moves gpu_memory_utilization to 0.8 x 0.95 = 0.76 on a 15 GB
+# GPU, up or down, unless UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE=1).
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) compute capability of the current CUDA GPU; None without one (or without torch)."""
+    if not has_cuda():
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
+def t4_vllm_settings(capability: tuple[int, int] | None) -> dict[str, str]:
+    """The environment variables vLLM needs on a GPU of this compute capability: ``T4_VLLM_ENVIRONMENT`` below
+    8.0, nothing on newer GPUs or without a GPU (None)."""
+    if capability is None or tuple(capability) >= BF16_MIN_CAPABILITY:
+        return {}
+    return dict(T4_VLLM_ENVIRONMENT)
+
+
+def t4_vllm_environment(capability: tuple[int, int] | None = None) -> dict[str, str]:
+    """Put ``t4_vllm_settings`` for this GPU (``capability`` defaults to the current one) into ``os.environ``.
+
+    Call it before unsloth or vllm is imported. A variable that is already set (the user's choice) is kept.
+    Returns the variables this call set, for the run record."""
+    if capability is None:
+        capability = cuda_capability()
+    applied: dict[str, str] = {}
+    for name, value in t4_vllm_settings(capability).items():
+        if name not in os.environ:
+            os.environ[name] = value
+            applied[name] = value
+    return applied
