@@ -844,11 +844,11 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
         if model is None:
             model = load_model(config, tokenizer, adapter_dir)
         eos = decoding.eos_ids(model, tokenizer)
-        settings = decoding.DecodeSettings(
+        decode = decoding.DecodeSettings(
             method="generate" if backend == "hf-generate" else "auto", temperature=config.temperature,
             seed=config.seed, batch_size=config.batch_size, eos_token_ids=tuple(eos),
             pad_token_id=tokenizer.pad_token_id, progress=config.progress, desc="GSM8K test")
-        completions = decoding.generate_token_ids(model, prompts, limits, settings, info=info)
+        completions = decoding.generate_token_ids(model, prompts, limits, decode, info=info)
     generation_s = time.perf_counter() - generation_started
 
     decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
