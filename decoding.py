@@ -27,7 +27,7 @@ graph outputs logits; filtering and sampling run eagerly with a generator of the
 inside it with the default CUDA generator, which PyTorch keeps graph-safe (``sample_in_graph=True``).
 
 Public API: ``DecodeSettings``, ``generate_token_ids``, ``RolloutDecoder``, ``eos_ids``, ``trim``,
-``default_batch_size``, ``filter_logits``, ``sample_next``, ``merged_adapter``, ``KVCache``,
+``default_batch_size``, ``filter_logits``, ``sample_next``, ``merged_adapter``, ``decoding_context``, ``KVCache``,
 ``StaticDecoder``, ``static_attention``.
 """
 
