@@ -27,7 +27,7 @@ default, at most 512 new tokens. Backends:
 
 - ``"vllm"``: ``vllm.LLM`` with a ``LoRARequest`` (where vLLM is installed);
 - ``"unsloth"``: an Unsloth model's ``fast_generate`` (vLLM inside) with its LoRA request (Colab);
-- ``"hf"``: this module's own Hugging Face decoder (``generate_token_ids``): a fixed-shape KV cache, one
+- ``"hf"``: the project's Hugging Face decoder (``decoding.generate_token_ids``): a fixed-shape KV cache, one
   slot per sequence, finished slots refilled at once with the next prompts (continuous batching), the
   decode step replayed as a CUDA graph on GPUs; models it cannot drive fall back to ``"hf-generate"``;
 - ``"hf-generate"``: batched ``model.generate`` (prompts sorted by length, left padding, stop at EOS);
@@ -40,7 +40,6 @@ Comparing two runs (``compare_runs``): paired by question index; accuracy differ
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -53,12 +52,13 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import data
+import decoding
 import rewards
 import runtime
 
@@ -72,8 +72,6 @@ DEFAULT_N_BOOT = 10_000
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 # Step-count buckets: GSM8K test questions have 2 to 11 solution steps; 8 and more are few, so pooled.
 STEP_BUCKET_CAP = 8
-_SMOKE_BATCH = 32
-_MAX_AUTO_BATCH = 512
 
 
 class AdapterError(ValueError):
@@ -388,570 +386,6 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ==================================================================================================
-# Generation: this module's Hugging Face decoder (fixed-shape KV cache, continuous refill, CUDA graphs)
-# ==================================================================================================
-
-_ATTENTION_NAME = "lengthrl_static_kv"
-
-
-class _Unsupported(RuntimeError):
-    """The model cannot be driven by the static decoder (falls back to ``model.generate``)."""
-
-
-class _KVState:
-    """The KV buffers of every layer and what the attention function must do with them right now."""
-
-    def __init__(self, keys: list, values: list) -> None:
-        self.keys = keys
-        self.values = values
-        self.mode = "prefill"
-        self.rows = None  # prefill: the slots being filled
-        self.index = None  # decode: write positions expanded to [b, kv_heads, 1, head_dim]
-        self.mask = None  # decode: [b, 1, 1, S], True where a row may attend
-        self.calls = 0
-
-
-_ACTIVE_STATE: _KVState | None = None
-
-
-def _static_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                      scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """Attention over the slot KV buffers (a transformers ``AttentionInterface`` function).
-
-    Prefill: writes the prompt's keys/values into rows ``state.rows`` at positions ``0..P-1`` and attends
-    causally among them (right-padded prompts: padding sits after every real token, so causality alone keeps
-    it out). Decode (one token per row): writes each row's key/value at its own position, then attends over
-    the whole buffer under ``state.mask`` (``[b, 1, 1, S]``, True = visible). The ``attention_mask`` argument
-    is ignored: models build (or drop) masks differently, so the decoder hands its own mask over directly.
-    Query heads are grouped by their key/value head instead of repeating the keys, so grouped-query attention
-    reads each key once.
-    """
-    import torch.nn.functional as F
-
-    state = _ACTIVE_STATE
-    if state is None:
-        raise RuntimeError("the static-KV attention was called outside evaluation.generate_token_ids")
-    layer = module.layer_idx
-    state.calls += 1
-    if state.mode == "prefill":
-        length = key.shape[2]
-        state.keys[layer][state.rows, :, :length] = key
-        state.values[layer][state.rows, :, :length] = value
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2), None
-    b, heads, _, dim = query.shape
-    keys = state.keys[layer][:b]
-    values = state.values[layer][:b]
-    keys.scatter_(2, state.index, key)
-    values.scatter_(2, state.index, value)
-    kv_heads = keys.shape[1]
-    grouped = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=state.mask, scale=scaling)
-    return out.reshape(b, heads, 1, dim).transpose(1, 2), None
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_ATTENTION_NAME, _static_attention)
-
-
-def _causal_lm(model: Any) -> Any:
-    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected and active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _eos_ids(model: Any = None, tokenizer: Any = None) -> list[int]:
-    ids: list[int] = []
-    sources = [getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-               getattr(tokenizer, "eos_token_id", None)]
-    for source in sources:
-        for value in (source if isinstance(source, (list, tuple)) else [source]):
-            if value is not None and int(value) not in ids:
-                ids.append(int(value))
-    return ids
-
-
-def _trim(ids: Sequence[int], eos: Iterable[int], limit: int) -> list[int]:
-    """Tokens up to and including the first stop token, at most ``limit`` of them."""
-    stop = set(eos)
-    out: list[int] = []
-    for token in ids[:limit]:
-        out.append(int(token))
-        if token in stop:
-            break
-    return out
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def default_batch_size(model: Any, n_prompts: int, max_total_tokens: int) -> int:
-    """Slots for the decoder: on a GPU as many as fit a quarter of free memory (at most 512), else 32."""
-    import torch
-
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return max(1, min(n_prompts, _SMOKE_BATCH))
-    config = _causal_lm(model).config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    element = torch.finfo(next(model.parameters()).dtype).bits // 8
-    per_slot = 2 * config.num_hidden_layers * kv_heads * head_dim * max_total_tokens * element
-    per_slot += 3 * 4 * config.vocab_size  # float32 logits and sampling temporaries
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(n_prompts, _MAX_AUTO_BATCH, int(0.25 * free // per_slot)))
-
-
-class _StaticDecoder:
-    """Continuous-batching greedy/sampled decoding with a fixed-shape KV cache (see ``generate_token_ids``)."""
-
-    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], limits: Sequence[int], eos: Sequence[int],
-                 pad_id: int, temperature: float, batch_size: int, use_cuda_graphs: bool,
-                 check_every: int | None, prefill_tokens: int, profile: bool = False) -> None:
-        import torch
-
-        self.torch = torch
-        self.lm = _causal_lm(model)
-        config = self.lm.config
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-            raise _Unsupported("logit soft-capping / scaling is not implemented by the static decoder")
-        if getattr(config, "use_sliding_window", False):
-            raise _Unsupported("sliding-window attention is not implemented by the static decoder")
-        if not getattr(type(self.lm), "_supports_attention_backend", False):
-            raise _Unsupported(f"{type(self.lm).__name__} does not use transformers' attention interface")
-        self.decoder = self.lm.get_decoder()
-        self.head = self.lm.get_output_embeddings()
-        if self.decoder is None or self.head is None:
-            raise _Unsupported("the model exposes no decoder / output embeddings")
-        parameter = next(self.lm.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
-        self.prompts, self.limits = [list(p) for p in prompts], [int(m) for m in limits]
-        self.eos_list, self.pad_id, self.temperature = list(eos), int(pad_id), float(temperature)
-        self.batch = max(1, min(batch_size, len(prompts)))
-        self.cuda = self.device.type == "cuda"
-        self.use_graphs = use_cuda_graphs and self.cuda
-        self.check_every = check_every or (8 if self.cuda else 1)
-        self.prefill_tokens = prefill_tokens
-        self.profile = profile
-        self.layers = config.num_hidden_layers
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        # One fixed cache length for the whole run (a multiple of 64 keeps attention kernels aligned).
-        self.length = _round_up(max(len(p) + m for p, m in zip(self.prompts, self.limits)), 64)
-        self.max_new = max(self.limits)
-        B, S, dev = self.batch, self.length, self.device
-        shape = (B, kv_heads, S, head_dim)
-        self.state = _KVState([torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.layers)],
-                              [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.layers)])
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        long = dict(dtype=torch.long, device=dev)
-        self.tok = torch.zeros(B, **long)
-        self.pos = torch.zeros(B, **long)
-        self.n_gen = torch.zeros(B, **long)
-        self.limit = torch.ones(B, **long)
-        self.done = torch.ones(B, dtype=torch.bool, device=dev)
-        self.out = torch.zeros(B, self.max_new, **long)
-        self.eos = torch.tensor(self.eos_list, **long)
-        self.positions = torch.arange(S, **long)
-        self.graphs: dict[int, Any] = {}
-        self.info: dict[str, Any] = {"method": "static", "batch_size": B, "cache_length": S,
-                                     "cuda_graphs": self.use_graphs, "graph_sizes": [], "prefill_calls": 0,
-                                     "decode_steps": 0, "slot_steps": 0, "capture_s": 0.0}
-
-    # -- profiling (``info={"profile": True}``: synchronises, so only for benchmarks) -------------------
-    def _clock(self) -> float:
-        if self.profile and self.cuda:
-            self.torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _account(self, key: str, mark: float) -> float:
-        now = self._clock()
-        if self.profile:
-            self.info[key] = self.info.get(key, 0.0) + now - mark
-        return now
-
-    # -- sampling -----------------------------------------------------------------------------------
-    def _pick(self, logits: Any) -> Any:
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        # Gumbel-max: argmax(logits/T + G) with G = -log(-log U) is an exact sample of softmax(logits/T),
-        # and unlike torch.multinomial it needs no host synchronisation (so it can live in a CUDA graph).
-        uniform = self.torch.rand_like(logits).clamp_(min=1e-20)
-        return (logits / self.temperature - self.torch.log(-self.torch.log(uniform))).argmax(-1)
-
-    def _stops(self, tokens: Any) -> Any:
-        return (tokens[:, None] == self.eos[None, :]).any(-1)
-
-    # -- prefill ------------------------------------------------------------------------------------
-    def _prefill(self, slots: list[int], questions: list[int]) -> None:
-        # Chunks of at most ``prefill_tokens`` padded tokens bound the activation memory.
-        start = 0
-        while start < len(slots):
-            longest = len(self.prompts[questions[start]])
-            count = max(1, min(len(slots) - start, self.prefill_tokens // max(1, longest)))
-            self._prefill_chunk(slots[start:start + count], questions[start:start + count])
-            start += count
-
-    def _prefill_chunk(self, slots: list[int], questions: list[int]) -> None:
-        torch = self.torch
-        lengths = [len(self.prompts[q]) for q in questions]
-        # A multiple of 32 (within the cache): fewer distinct shapes for the kernels and the allocator.
-        width = min(self.length, _round_up(max(lengths), 32))
-        ids = torch.full((len(slots), width), self.pad_id, dtype=torch.long)
-        for row, q in enumerate(questions):
-            ids[row, :lengths[row]] = torch.tensor(self.prompts[q], dtype=torch.long)
-        ids = ids.to(self.device)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        state = self.state
-        state.mode, state.rows, state.calls = "prefill", rows, 0
-        position_ids = torch.arange(width, device=self.device)[None, :].expand(len(slots), width)
-        if self.info["prefill_calls"] == 0:
-            # The first call probes the model: a forward patched to bypass the attention interface (Unsloth)
-            # may fail on these inputs, or silently ignore the KV buffers; either way, fall back.
-            try:
-                hidden = self.decoder(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
-            except Exception as error:
-                raise _Unsupported(f"{type(self.lm).__name__}'s forward failed in the static decoder "
-                                   f"({type(error).__name__}: {error})") from error
-        else:
-            hidden = self.decoder(input_ids=ids, position_ids=position_ids, use_cache=False)[0]
-        if state.calls != self.layers:
-            raise _Unsupported(f"{type(self.lm).__name__}'s attention did not go through the attention "
-                               f"interface ({state.calls} of {self.layers} layers); is it patched (Unsloth)?")
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.head(hidden[torch.arange(len(slots), device=self.device), last]).float()
-        first = self._pick(logits)
-        limits = torch.tensor([self.limits[q] for q in questions], dtype=torch.long, device=self.device)
-        self.tok[rows] = first
-        self.pos[rows] = last + 1
-        self.n_gen[rows] = 1
-        self.limit[rows] = limits
-        self.out[rows, 0] = first
-        self.done[rows] = self._stops(first) | (limits <= 1)
-        self.info["prefill_calls"] += 1
-
-    # -- decode -------------------------------------------------------------------------------------
-    def _step(self, b: int) -> None:
-        """One token for rows ``0..b-1``; all bookkeeping stays on the device (no host synchronisation)."""
-        torch = self.torch
-        pos, tok, done, n_gen = self.pos[:b], self.tok[:b], self.done[:b], self.n_gen[:b]
-        state = self.state
-        state.mode = "decode"
-        state.index = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)
-        state.mask = (self.positions[None, :] <= pos[:, None]).view(b, 1, 1, self.length)
-        hidden = self.decoder(input_ids=tok.view(b, 1), position_ids=pos.view(b, 1), use_cache=False)[0]
-        nxt = self._pick(self.head(hidden[:, -1]).float())
-        active = ~done
-        column = n_gen.clamp(max=self.max_new - 1).view(b, 1)
-        out = self.out[:b]
-        out.scatter_(1, column, torch.where(active, nxt, out.gather(1, column).view(b)).view(b, 1))
-        counted = n_gen + active.long()
-        n_gen.copy_(counted)
-        done.logical_or_(active & (self._stops(nxt) | (counted >= self.limit[:b])))
-        tok.copy_(nxt)
-        pos.copy_((pos + 1).clamp(max=self.length - 1))
-
-    def _graph(self, b: int) -> Any:
-        """The decode step for ``b`` rows as a CUDA graph (captured once per size); None when unavailable."""
-        if not self.use_graphs:
-            return None
-        if b in self.graphs:
-            return self.graphs[b]
-        torch = self.torch
-        started = time.perf_counter()
-        saved = [t.clone() for t in (self.tok, self.pos, self.n_gen, self.done)]
-        try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy initialisations must not happen during capture
-                    self._step(b)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(b)
-        except Exception as error:  # any capture failure: decode eagerly instead
-            warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); decoding eagerly",
-                          stacklevel=2)
-            self.use_graphs = False
-            self.info["cuda_graphs"] = False
-            graph = None
-        finally:
-            # Warm-up steps wrote at the rows' current positions; restoring the counters makes the next real
-            # step overwrite exactly those cells.
-            for tensor, copy in zip((self.tok, self.pos, self.n_gen, self.done), saved):
-                tensor.copy_(copy)
-        self.info["capture_s"] += time.perf_counter() - started
-        if graph is not None:
-            self.graphs[b] = graph
-            self.info["graph_sizes"].append(b)
-        return graph
-
-    def _compact(self, active_rows: list[int], size: int) -> None:
-        """Move the active rows to ``0..len-1`` so a smaller (faster) decode step serves the tail."""
-        torch = self.torch
-        index = torch.tensor(active_rows, dtype=torch.long, device=self.device)
-        count = len(active_rows)
-        for tensor in [*self.state.keys, *self.state.values, self.tok, self.pos, self.n_gen, self.limit,
-                       self.done, self.out]:
-            tensor[:count] = tensor[index]
-        self.done[count:size] = True
-
-    def run(self, progress: Any = None) -> list[list[int]]:
-        global _ACTIVE_STATE
-        torch = self.torch
-        n = len(self.prompts)
-        # Longest prompts first: similar lengths are prefilled together, and memory peaks early.
-        queue = sorted(range(n), key=lambda q: -len(self.prompts[q]))
-        queue.reverse()  # pop() from the end
-        slot_question = [-1] * self.batch
-        # Upper bound on the steps each slot still needs (its limit; a stop token may end it sooner).
-        slot_left = [0] * self.batch
-        results: list[list[int] | None] = [None] * n
-        size = self.batch
-        min_size = min(self.batch, 8) if self.cuda else 1
-        refill_min = max(1, self.batch // 16) if self.cuda else 1
-        previous = _ACTIVE_STATE
-        _ACTIVE_STATE = self.state
-        try:
-            while True:
-                free = [s for s in range(size) if slot_question[s] < 0]
-                # Refill in groups (a prefill call has a fixed cost), but never leave the decoder idle.
-                if queue and free and (len(free) >= refill_min or len(free) == size):
-                    questions = [queue.pop() for _ in range(min(len(free), len(queue)))]
-                    slots = free[:len(questions)]
-                    for s, q in zip(slots, questions):
-                        slot_question[s], slot_left[s] = q, self.limits[q] - 1
-                    mark = self._clock()
-                    self._prefill(slots, questions)
-                    self._account("prefill_s", mark)
-                active = [s for s in range(size) if slot_question[s] >= 0]
-                if not active:
-                    break
-                # Once nothing is queued, shrink to the active rows whenever they fill half the slots or less:
-                # sizes at least halve each time, so only a few CUDA graphs are ever captured.
-                if not queue and len(active) <= size // 2 and size > min_size:
-                    new_size = max(min_size, _round_up(len(active), 8) if self.cuda else len(active))
-                    if new_size < size:
-                        self._compact(active, size)
-                        moved = [slot_question[s] for s in active]
-                        slot_question = moved + [-1] * (self.batch - len(moved))
-                        left = [slot_left[s] for s in active]
-                        slot_left = left + [0] * (self.batch - len(left))
-                        size = new_size
-                graph = self._graph(size)
-                # Check again after ``check_every`` steps, or as soon as some slot must have reached its limit.
-                steps = max(1, min(self.check_every, min(slot_left[s] for s in active)))
-                mark = self._clock()
-                for _ in range(steps):
-                    if graph is not None:
-                        graph.replay()
-                    else:
-                        self._step(size)
-                for s in active:
-                    slot_left[s] -= steps
-                self.info["decode_steps"] += steps
-                self.info["slot_steps"] += steps * size
-                done = self.done[:size].cpu().tolist()
-                mark = self._account("decode_s", mark)
-                finished = [s for s in range(size) if done[s] and slot_question[s] >= 0]
-                if finished:
-                    index = torch.tensor(finished, dtype=torch.long, device=self.device)
-                    counts = self.n_gen[index].cpu().tolist()
-                    tokens = self.out[index].cpu().tolist()
-                    for s, count, row in zip(finished, counts, tokens):
-                        q = slot_question[s]
-                        results[q] = _trim(row[:count], self.eos_list, self.limits[q])
-                        slot_question[s] = -1
-                    if progress is not None:
-                        progress.update(len(finished))
-                self._account("host_s", mark)
-        finally:
-            _ACTIVE_STATE = previous
-        return [r if r is not None else [] for r in results]
-
-
-@contextlib.contextmanager
-def _attention_implementation(model: Any, name: str):
-    config = _causal_lm(model).config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any):
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
-@contextlib.contextmanager
-def _cpu_threads(model: Any):
-    """One CPU thread for small models (under 200M parameters: smoke runs, SmolLM2-135M): their operations are
-    so small that synchronising threads costs more than the work; on a busy 2-core machine, 2 threads made
-    SmolLM2's decoding 12 times slower than 1 (115 s against 9.6 s)."""
-    import torch
-
-    parameter = next(model.parameters())
-    tiny = parameter.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 200_000_000
-    previous = torch.get_num_threads()
-    if tiny:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if tiny:
-            torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: Any):
-    import torch
-
-    devices = [device] if getattr(device, "type", None) == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _generate_static(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int], pad_id: int,
-                     temperature: float, seed: int, batch_size: int, progress: Any, use_cuda_graphs: bool,
-                     check_every: int | None, prefill_tokens: int, info: dict[str, Any]) -> list[list[int]]:
-    import torch
-
-    _register_attention()
-    decoder = _StaticDecoder(model, prompts, limits, eos, pad_id, temperature, batch_size, use_cuda_graphs,
-                             check_every, prefill_tokens, profile=bool(info.get("profile")))
-    try:
-        with _attention_implementation(model, _ATTENTION_NAME), _eval_mode(model), torch.inference_mode(), \
-                _seeded(seed, decoder.device):
-            return decoder.run(progress)
-    finally:
-        info.update(decoder.info)
-
-
-def _generate_with_generate(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int],
-                            pad_id: int, temperature: float, seed: int, batch_size: int, progress: Any,
-                            info: dict[str, Any]) -> list[list[int]]:
-    """Batched ``model.generate``: prompts sorted by length, left padding, stop at EOS."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda q: -len(prompts[q]))
-    results: list[list[int]] = [[] for _ in prompts]
-    info.update({"method": "generate", "batch_size": batch_size, "cuda_graphs": False})
-    with _eval_mode(model), torch.inference_mode(), _seeded(seed, device):
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            width = max(len(prompts[q]) for q in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, q in enumerate(batch):
-                ids[row, width - len(prompts[q]):] = torch.tensor(prompts[q], dtype=torch.long)
-                mask[row, width - len(prompts[q]):] = 1
-            max_new = max(limits[q] for q in batch)
-            # Every knob explicit and use_model_defaults=False: Qwen's generation_config.json would otherwise
-            # bring in repetition_penalty=1.05, top_k=20, top_p=0.8 and change what "greedy" means.
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-                if temperature > 0 else {"do_sample": False}
-            config = GenerationConfig(
-                max_new_tokens=max_new, repetition_penalty=1.0, num_beams=1, pad_token_id=pad_id,
-                eos_token_id=list(eos) if eos else None, min_new_tokens=0 if eos else max_new, **sampling,
-            )
-            output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    generation_config=config, use_model_defaults=False)
-            for row, q in enumerate(batch):
-                results[q] = _trim(output[row, width:].tolist(), eos, limits[q])
-            if progress is not None:
-                progress.update(len(batch))
-    return results
-
-
-def generate_token_ids(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 512,
-                       *, eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
-                       temperature: float = 0.0, seed: int = 0, batch_size: int | None = None,
-                       method: str = "auto", use_cuda_graphs: bool = True, check_every: int | None = None,
-                       prefill_tokens: int = 32_768, progress: bool = False, desc: str = "Generating",
-                       info: dict[str, Any] | None = None) -> list[list[int]]:
-    """Generate completions for tokenized prompts with a transformers model; returns the new token ids.
-
-    Each result holds the tokens up to and including the first stop token (``eos_token_ids``; default: the
-    model's generation-config and tokenizer EOS ids; ``[]``: never stop early), at most that prompt's
-    ``max_new_tokens`` (an int, or one per prompt). Greedy when ``temperature == 0``, else sampled from
-    ``softmax(logits / temperature)`` with nothing else (no top-k/top-p/repetition penalty).
-
-    ``method``: ``"static"`` (this module's decoder: ``batch_size`` slots of a fixed-shape KV cache, each
-    finished slot refilled with the next prompt, longest prompts first; the decode step is a CUDA graph on
-    GPUs; the tail of the run is compacted into fewer slots), ``"generate"`` (batched ``model.generate``),
-    or ``"auto"`` (static, falling back to generate when the model's attention is not transformers'
-    standard interface, e.g. patched by Unsloth). ``info`` (a dict) receives what ran.
-    """
-    if method not in ("auto", "static", "generate"):
-        raise ValueError(f"method must be 'auto', 'static' or 'generate', got {method!r}")
-    prompts = [list(p) for p in prompts]
-    if not prompts:
-        return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in
-                                                                                            max_new_tokens]
-    if len(limits) != len(prompts):
-        raise ValueError(f"max_new_tokens has {len(limits)} entries but there are {len(prompts)} prompts")
-    if any(m < 1 for m in limits):
-        raise ValueError("max_new_tokens must be at least 1 for every prompt")
-    eos = _eos_ids(model) if eos_token_ids is None else [int(e) for e in eos_token_ids]
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    total = max(len(p) + m for p, m in zip(prompts, limits))
-    if batch_size is None:
-        batch_size = default_batch_size(model, len(prompts), total)
-    info = {} if info is None else info
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=desc, unit="question")
-    with _cpu_threads(model):
-        return _generate(model, prompts, limits, eos, pad_token_id, temperature, seed, batch_size, method, bar,
-                         use_cuda_graphs, check_every, prefill_tokens, info)
-
-
-def _generate(model: Any, prompts: list[list[int]], limits: list[int], eos: list[int], pad_token_id: int,
-              temperature: float, seed: int, batch_size: int, method: str, bar: Any, use_cuda_graphs: bool,
-              check_every: int | None, prefill_tokens: int, info: dict[str, Any]) -> list[list[int]]:
-    try:
-        if method in ("auto", "static"):
-            try:
-                return _generate_static(model, prompts, limits, eos, pad_token_id, temperature, seed,
-                                        batch_size, bar, use_cuda_graphs, check_every, prefill_tokens, info)
-            except _Unsupported as reason:
-                if method == "static":
-                    raise ValueError(f"the static decoder cannot run this model: {reason}") from None
-                info["fallback_reason"] = str(reason)
-                print(f"Static decoder unavailable ({reason}); using model.generate", flush=True)
-                if bar is not None:
-                    bar.reset()
-        return _generate_with_generate(model, prompts, limits, eos, pad_token_id, temperature, seed,
-                                       batch_size, bar, info)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# ==================================================================================================
 # Generation: vLLM and Unsloth
 # ==================================================================================================
 
@@ -965,7 +399,7 @@ def _sampling_params(limits: list[int], eos: list[int], temperature: float, seed
 
 
 def _vllm_outputs(outputs: Sequence[Any], eos: list[int], limits: list[int]) -> list[list[int]]:
-    return [_trim(list(o.outputs[0].token_ids), eos, m) for o, m in zip(outputs, limits)]
+    return [decoding.trim(list(o.outputs[0].token_ids), eos, m) for o, m in zip(outputs, limits)]
 
 
 def _lora_rank(adapter_dir: Path | None) -> int:
@@ -983,7 +417,7 @@ def _generate_vllm(config: EvalConfig, prompts: list[list[int]], limits: list[in
     total = max(len(p) + m for p, m in zip(prompts, limits))
     llm = LLM(model=config.model, dtype=config.dtype or "auto", seed=config.seed,
               enable_lora=adapter_dir is not None, max_lora_rank=_lora_rank(adapter_dir),
-              max_model_len=_round_up(total, 64), gpu_memory_utilization=config.gpu_memory_utilization)
+              max_model_len=runtime.round_up(total, 64), gpu_memory_utilization=config.gpu_memory_utilization)
     request = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir is not None else None
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            _sampling_params(limits, eos, config.temperature, config.seed),
@@ -1212,7 +646,7 @@ def _model_eos_ids(config: EvalConfig, tokenizer: Any) -> list[int]:
     except Exception:  # no generation_config.json: the tokenizer's EOS alone
         generation_config = None
     holder = type("Holder", (), {"generation_config": generation_config})()
-    return _eos_ids(holder, tokenizer)
+    return decoding.eos_ids(holder, tokenizer)
 
 
 def _pick_backend(config: EvalConfig, model: Any) -> tuple[str, str]:
@@ -1249,7 +683,7 @@ def _load_unsloth(config: EvalConfig, adapter_dir: Path | None, total: int) -> t
     from unsloth import FastLanguageModel  # type: ignore[import-not-found]
 
     return FastLanguageModel.from_pretrained(
-        model_name=config.model, max_seq_length=_round_up(total, 64), load_in_4bit=config.load_in_4bit,
+        model_name=config.model, max_seq_length=runtime.round_up(total, 64), load_in_4bit=config.load_in_4bit,
         fast_inference=True, max_lora_rank=_lora_rank(adapter_dir),
         gpu_memory_utilization=config.gpu_memory_utilization)
 
@@ -1404,17 +838,17 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
     elif backend == "unsloth":
         if model is None:
             model, _ = _load_unsloth(config, adapter_dir, total)
-        eos = _eos_ids(model, tokenizer)
+        eos = decoding.eos_ids(model, tokenizer)
         completions = _generate_unsloth(config, model, prompts, limits, eos, adapter_dir, info)
     else:
         if model is None:
             model = load_model(config, tokenizer, adapter_dir)
-        eos = _eos_ids(model, tokenizer)
-        completions = generate_token_ids(
-            model, prompts, limits, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-            temperature=config.temperature, seed=config.seed, batch_size=config.batch_size,
-            method="generate" if backend == "hf-generate" else "auto", progress=config.progress,
-            desc="GSM8K test", info=info)
+        eos = decoding.eos_ids(model, tokenizer)
+        decode = decoding.DecodeSettings(
+            method="generate" if backend == "hf-generate" else "auto", temperature=config.temperature,
+            seed=config.seed, batch_size=config.batch_size, eos_token_ids=tuple(eos),
+            pad_token_id=tokenizer.pad_token_id, progress=config.progress, desc="GSM8K test")
+        completions = decoding.generate_token_ids(model, prompts, limits, decode, info=info)
     generation_s = time.perf_counter() - generation_started
 
     decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)

@@ -14,16 +14,21 @@ prompts rendered with the chat template (58 to 223 tokens).
 Rows:
 - a correctness check first: on a tiny float32 model, the static decoder (CUDA graphs, refill, compaction,
   stop tokens, per-question limits) must give exactly the tokens of a plain recompute-everything greedy loop;
-- ``static``: ``evaluation.generate_token_ids(method="static")``, cold (CUDA-graph capture included) and warm;
+- ``static``: ``decoding.generate_token_ids(method="static")``, cold (CUDA-graph capture included) and warm;
 - ``generate``: plain batched ``model.generate`` (dynamic cache), the reference path;
 - batch 1 for both;
 - vLLM when it is installed (it needs the model on disk: the random model is saved first).
+
+``--sampling`` times the rollout shape instead (``sampling_benchmark``): greedy against sampled decoding, and
+sampling after the CUDA graph against sampling inside it, then the same through ``decoding.RolloutDecoder`` on
+a LoRA-wrapped model, adapter unmerged and merged.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import platform
 import random
@@ -35,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+import decoding  # noqa: E402
 import evaluation  # noqa: E402
 
 
@@ -120,17 +126,65 @@ def correctness_check(tokenizer, prompts: list[list[int]], device: str) -> dict:
 
     full = [reference(p, m) for p, m in zip(chosen, limits)]
     eos = sorted({full[0][3], full[5][6], full[11][2]})
-    expected = [evaluation._trim(seq, eos, m) for seq, m in zip(full, limits)]
+    expected = [decoding.trim(seq, eos, m) for seq, m in zip(full, limits)]
     info: dict = {}
-    got = evaluation.generate_token_ids(model, chosen, limits, eos_token_ids=eos, batch_size=8, method="static",
-                                        info=info)
-    generated = evaluation.generate_token_ids(model, chosen, limits, eos_token_ids=eos, batch_size=8,
-                                              method="generate")
+    got = decoding.generate_token_ids(model, chosen, limits, eos_token_ids=eos, batch_size=8, method="static",
+                                      info=info)
+    generated = decoding.generate_token_ids(model, chosen, limits, eos_token_ids=eos, batch_size=8,
+                                            method="generate")
     result = {"static_equals_reference": got == expected, "generate_equals_reference": generated == expected,
               "stopped_early": sum(len(e) < m for e, m in zip(expected, limits)), "prompts": len(chosen),
               "info": info}
     print(json.dumps({"check": result}), flush=True)
     return result
+
+
+SAMPLING_ROWS = (  # (name, DecodeSettings changes)
+    ("greedy", {}),
+    ("T=1 (GRPOConfig default), sampled after the graph", {"temperature": 1.0}),
+    ("T=1, sampled inside the graph", {"temperature": 1.0, "sample_in_graph": True}),
+    ("T=0.9 top_k=50 top_p=0.95 min_p=0.05, after the graph",
+     {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "min_p": 0.05}),
+    ("T=0.9 top_k=50 top_p=0.95 min_p=0.05, inside the graph",
+     {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "min_p": 0.05, "sample_in_graph": True}),
+    ("T=1 top_p=0.95 (whole-vocabulary sort), after the graph", {"temperature": 1.0, "top_p": 0.95}),
+    ("T=1 top_p=0.95 (whole-vocabulary sort), inside the graph",
+     {"temperature": 1.0, "top_p": 0.95, "sample_in_graph": True}),
+)
+
+
+def sampling_benchmark(model, prompts: list[list[int]], n_prompts: int, max_new_tokens: int,
+                       lora_rank: int) -> list[dict]:
+    """The rollout shape: ``n_prompts`` prompts, every completion forced to ``max_new_tokens`` tokens, one
+    ``decoding.RolloutDecoder`` per row, called twice: cold (CUDA-graph capture included), then warm (graphs
+    kept, as from the second training step on). Rows: greedy against sampled, sampling after the graph against
+    inside it; then, with a LoRA adapter of rank ``lora_rank`` on every linear layer (``lora_rank`` 0: none),
+    greedy and T=1 with the adapter unmerged and merged for each call."""
+    chosen = prompts[:n_prompts]
+    limits = [max_new_tokens] * len(chosen)
+    base = decoding.DecodeSettings(method="static", eos_token_ids=(), batch_size=len(chosen))
+    plan = [(name, base.replace(**changes), False) for name, changes in SAMPLING_ROWS]
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        for merge in (False, True):
+            label = f"LoRA r{lora_rank}, {'merged' if merge else 'unmerged'}"
+            plan += [(f"{label}, greedy", base, merge), (f"{label}, T=1", base.replace(temperature=1.0), merge)]
+    rows = []
+    for name, settings, merge in plan:
+        rollouts = decoding.RolloutDecoder(settings, merge_adapter=merge)
+        for phase in ("cold", "warm"):
+            info: dict = {}
+            call = functools.partial(rollouts.generate, model, chosen, limits, info=info)
+            try:
+                row = measure(f"rollouts, {name}, {phase}", call, chosen, limits, len(chosen), info=info)
+            except Exception as error:  # report and go on: one failing row must not lose the others
+                row = {"name": f"rollouts, {name}, {phase}", "error": f"{type(error).__name__}: {error}"}
+                print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def full_evaluate(model, tokenizer, gsm8k: Path, limit: int | None, max_new_tokens: int) -> dict:
@@ -161,7 +215,7 @@ def main() -> None:
     parser.add_argument("--gsm8k", required=True, type=Path, help="folder with test.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="slots for the full-test rows (default: evaluation.default_batch_size)")
+                        help="slots for the full-test rows (default: decoding.default_batch_size)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--budget-s", type=float, default=400, help="skip remaining rows after this many seconds")
     parser.add_argument("--limit", type=int, default=None, help="first N test prompts only (dry runs)")
@@ -171,6 +225,11 @@ def main() -> None:
                         help="also time one full evaluation.evaluate() call (scoring and files included)")
     parser.add_argument("--rows", default="check,cold,early,b1,gen_b1,gen_b256,synthetic,warm,b256",
                         help="comma-separated rows to run, in order")
+    parser.add_argument("--sampling", action="store_true",
+                        help="time greedy vs sampled rollouts, sampling after vs inside the CUDA graph, LoRA "
+                             "unmerged vs merged (sampling_benchmark) instead of the rows")
+    parser.add_argument("--rollout-prompts", type=int, default=16, help="prompts of a rollout (--sampling)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank for --sampling's adapter rows (0: none)")
     args = parser.parse_args()
 
     import torch
@@ -201,18 +260,19 @@ def main() -> None:
     rng = random.Random(0)
     # Lengths like real completions: log-normal around 150 tokens, within [16, max].
     early = [min(args.max_new_tokens, max(16, int(rng.lognormvariate(5.0, 0.5)))) for _ in prompts]
-    B = args.batch_size or evaluation.default_batch_size(model, len(prompts), max(map(len, prompts)) +
-                                                         args.max_new_tokens)
+    B = args.batch_size or decoding.default_batch_size(model, len(prompts), max(map(len, prompts)) +
+                                                       args.max_new_tokens)
     meta["batch_size"] = B
     R = min(256, len(prompts))  # the reference measurements' batch
 
     def static(ps, limits, batch, info, check_every=None):
-        return lambda: evaluation.generate_token_ids(model, ps, limits, eos_token_ids=[], batch_size=batch,
-                                                     method="static", info=info, check_every=check_every)
+        settings = decoding.DecodeSettings(method="static", eos_token_ids=(), batch_size=batch,
+                                           check_every=check_every, profile=args.profile)
+        return lambda: decoding.generate_token_ids(model, ps, limits, settings, info=info)
 
     def generate(ps, limits, batch):
-        return lambda: evaluation.generate_token_ids(model, ps, limits, eos_token_ids=[], batch_size=batch,
-                                                     method="generate")
+        settings = decoding.DecodeSettings(method="generate", eos_token_ids=(), batch_size=batch)
+        return lambda: decoding.generate_token_ids(model, ps, limits, settings)
 
     synthetic = [[(i * 7919 + j * 104729) % 150000 + 10 for j in range(256)] for i in range(R)]
     plan = {
@@ -235,6 +295,9 @@ def main() -> None:
         "early512_c16": lambda: ("static, full test, early stop, batch 512, check every 16 steps", prompts, early,
                                  512, "static", 16),
     }
+    if args.sampling:
+        rows.extend(sampling_benchmark(model, prompts, args.rollout_prompts, args.max_new_tokens, args.lora_rank))
+        wanted = []
     for key in wanted:
         if key == "check" or key not in plan:
             continue
@@ -242,7 +305,7 @@ def main() -> None:
             print(json.dumps({"skipped": key, "reason": "time budget"}), flush=True)
             continue
         name, ps, limits, batch, method, *rest = plan[key]()
-        info: dict = {"profile": args.profile}
+        info: dict = {}
         function = static(ps, limits, batch, info, *rest) if method == "static" else generate(ps, limits, batch)
         try:
             row = measure(name, function, ps, limits, batch, method=method)

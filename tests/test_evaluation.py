@@ -22,6 +22,7 @@ import torch
 from scipy import stats
 
 import data
+import decoding
 import evaluation
 import rewards
 import runtime
@@ -55,30 +56,6 @@ def prompts(tokenizer, gsm8k_dir):
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert len({len(p) for p in ids}) > 3
     return ids
-
-
-def greedy_reference(model, prompt, steps):
-    """The plainest possible greedy decoder: recompute the whole sequence for every token, no cache, no batch."""
-    ids, out = list(prompt), []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny operations: threads only add waiting, badly so on a busy CI machine
-    try:
-        with torch.no_grad():
-            for _ in range(steps):
-                logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
-                out.append(int(logits.argmax()))
-                ids.append(out[-1])
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-LIMITS = [9, 14, 5, 12, 14, 7, 11]
-
-
-@pytest.fixture(scope="module")
-def references(lively_model, prompts):
-    return [greedy_reference(lively_model, p, m) for p, m in zip(prompts, LIMITS)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,97 +248,6 @@ def test_compare_runs_needs_common_questions():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoders on the tiny model: batching, padding, stop tokens, limits
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch_size", [1, 3, 7])
-def test_static_decoder_equals_greedy_reference(lively_model, prompts, references, batch_size):
-    info = {}
-    got = evaluation.generate_token_ids(lively_model, prompts, LIMITS, eos_token_ids=[], batch_size=batch_size,
-                                        method="static", info=info)
-    assert got == references
-    assert info["method"] == "static" and info["batch_size"] == batch_size
-    if batch_size < len(prompts):
-        assert info["prefill_calls"] > 1  # finished slots were refilled
-
-
-def test_static_decoder_on_a_llama_model(tokenizer, prompts):
-    """A second architecture (Llama: no attention biases, 3 query heads per key/value head) and another way
-    of building masks: the decoder must not depend on how a model prepares its attention mask."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = lively(LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)))
-    limits = [6, 9, 4]
-    expected = [greedy_reference(model, p, m) for p, m in zip(prompts[:3], limits)]
-    assert evaluation.generate_token_ids(model, prompts[:3], limits, eos_token_ids=[], batch_size=2,
-                                         method="static") == expected
-
-
-def test_generate_fallback_equals_greedy_reference(lively_model, prompts, references):
-    info = {}
-    got = evaluation.generate_token_ids(lively_model, prompts, LIMITS, eos_token_ids=[], batch_size=4,
-                                        method="generate", info=info)
-    assert got == references  # left padding, length-sorted batches
-    assert info["method"] == "generate"
-
-
-@pytest.mark.parametrize("method", ["static", "generate"])
-def test_generation_stops_at_the_first_stop_token(lively_model, prompts, references, method):
-    # Stop tokens taken from the reference continuations themselves: some prompts reach one early, others not.
-    eos = sorted({references[0][3], references[3][6], references[6][2]})
-    expected = [evaluation._trim(seq, eos, m) for seq, m in zip(references, LIMITS)]
-    stopped = [len(e) < m for e, m in zip(expected, LIMITS)]
-    assert any(stopped) and not all(stopped)
-    got = evaluation.generate_token_ids(lively_model, prompts, LIMITS, eos_token_ids=eos, batch_size=3,
-                                        method=method)
-    assert got == expected
-    for tokens, was_stopped in zip(got, stopped):
-        assert (tokens[-1] in eos) == was_stopped
-        assert not set(tokens[:-1]) & set(eos)
-
-
-def test_sampling_is_seeded(lively_model, prompts):
-    def sample(seed):
-        return evaluation.generate_token_ids(lively_model, prompts[:3], 8, eos_token_ids=[], batch_size=2,
-                                             temperature=1.0, seed=seed)
-
-    first = sample(0)
-    assert first == sample(0)
-    assert first != sample(1)
-    assert all(len(tokens) == 8 for tokens in first)
-
-
-def test_models_outside_the_attention_interface_fall_back_to_generate(tokenizer, prompts, references):
-    from transformers import Qwen2ForCausalLM
-
-    class Opaque(Qwen2ForCausalLM):
-        _supports_attention_backend = False
-
-    model = Opaque(runtime.build_tiny_qwen2(tokenizer).config)
-    model.load_state_dict(lively(runtime.build_tiny_qwen2(tokenizer)).state_dict())
-    model.eval()
-    info = {}
-    got = evaluation.generate_token_ids(model, prompts, LIMITS, eos_token_ids=[], batch_size=4, info=info)
-    assert got == references
-    assert info["method"] == "generate" and "attention interface" in info["fallback_reason"]
-    with pytest.raises(ValueError, match="static decoder cannot run"):
-        evaluation.generate_token_ids(model, prompts, LIMITS, eos_token_ids=[], method="static")
-
-
-def test_generate_token_ids_validates_input(lively_model, prompts):
-    with pytest.raises(ValueError, match="entries"):
-        evaluation.generate_token_ids(lively_model, prompts, [4, 5])
-    with pytest.raises(ValueError, match="at least one token"):
-        evaluation.generate_token_ids(lively_model, [[]], 4)
-    with pytest.raises(ValueError, match="method"):
-        evaluation.generate_token_ids(lively_model, prompts, 4, method="beam")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # evaluate(): files, reuse, adapters, budgets
 # ---------------------------------------------------------------------------------------------------------
 
@@ -446,9 +332,9 @@ def test_lora_adapter_saved_then_reloaded(tmp_path, tokenizer, prompts):
     peft_model = save_lora(runtime.build_tiny_qwen2(tokenizer, seed=0), adapter)
     assert (adapter / "adapter_config.json").exists()
     # In memory, unmerged LoRA (the static decoder drives the PEFT-wrapped model) ...
-    in_memory = evaluation.generate_token_ids(peft_model, prompts[:4], 10, eos_token_ids=[], batch_size=2)
+    in_memory = decoding.generate_token_ids(peft_model, prompts[:4], 10, eos_token_ids=[], batch_size=2)
     with peft_model.disable_adapter():
-        base = evaluation.generate_token_ids(peft_model, prompts[:4], 10, eos_token_ids=[], batch_size=2)
+        base = decoding.generate_token_ids(peft_model, prompts[:4], 10, eos_token_ids=[], batch_size=2)
     assert in_memory != base  # the adapter changes what the model says
     # ... and reloaded from its folder onto a fresh base model (merged) by evaluate().
     summary = evaluation.evaluate(evaluation.EvalConfig(model=runtime.TINY_MODEL, adapter=str(adapter), limit=4,
@@ -603,9 +489,9 @@ def test_smollm2_real_text(tmp_path):
     # The static decoder and batched generate agree on real text too.
     texts = [data.render_prompt(tokenizer, data.prompt_messages(r["question"])) for r in records]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = evaluation._eos_ids(model, tokenizer)
-    static = evaluation.generate_token_ids(model, ids, 48, eos_token_ids=eos, batch_size=4, method="static")
-    generated = evaluation.generate_token_ids(model, ids, 48, eos_token_ids=eos, batch_size=4, method="generate")
+    eos = decoding.eos_ids(model, tokenizer)
+    static = decoding.generate_token_ids(model, ids, 48, eos_token_ids=eos, batch_size=4, method="static")
+    generated = decoding.generate_token_ids(model, ids, 48, eos_token_ids=eos, batch_size=4, method="generate")
     assert static == generated
     assert [len(t) for t in static] == [r["length"] for r in records]
 
