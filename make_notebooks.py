@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-SHARED_MODULES = ("runtime", "rewards", "data", "analysis", "budgets", "evaluation", "training", "results")
+SHARED_MODULES = ("runtime", "decoding", "rewards", "data", "analysis", "budgets", "evaluation", "training", "results")
 # Installed on Colab by the notebooks that only tokenize and plot (no torch needed).
 LIGHT_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "datasets")
 
