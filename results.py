@@ -11,9 +11,9 @@ Notebook::
 
     runs = results.find_runs(["outputs", "MyDrive/length-rl"])
     rows = results.comparison_table(runs)           # + the study's published numbers, labelled
-    print(results.format_table(rows))
+    print(results.format_table(rows))                # or runtime.show(results.table_frame(rows)): a table
     print(results.format_pairs(results.paired_against_baseline(runs)))
-    results.plot_pareto(runs, "outputs/results/pareto.png")
+    runtime.show(results.plot_pareto(runs, "outputs/results/pareto.png"))
 
 or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``.
 """
