@@ -164,11 +164,12 @@ def test_notebook_runs_end_to_end_in_smoke_mode(path, notebook_workdir):
     assert not errors
     # The shared modules were written next to the notebook, as on Colab.
     assert (notebook_workdir / "rewards.py").exists() or (notebook_workdir / "runtime.py").exists()
-    text = "".join(str(output.get("text", "")) for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.get("outputs", []))
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    # What the user reads: printed text and rendered tables.
+    text = "".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/html", ""))
+                   for output in outputs)
     _check_outputs(path, text, notebook_workdir)
-    _check_displays(path, [output for cell in notebook.cells if cell.cell_type == "code"
-                           for output in cell.get("outputs", [])])
+    _check_displays(path, outputs)
 
 
 def _check_displays(path: str, outputs: list[dict]) -> None:
@@ -217,6 +218,6 @@ def _check_outputs(path: str, printed: str, workdir: Path) -> None:
             assert "McNemar exact test" in printed, "the Eval twin did not compare with the baseline"
     else:
         assert run.path == "Results.ipynb"
-        assert "study" in printed
+        assert "study: baseline" in printed and "McNemar p" in printed
         for plot in ("pareto.png", "length_distributions.png", "step_buckets.png"):
             assert (outputs / "results" / plot).is_file(), plot
