@@ -930,10 +930,13 @@ def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
     lines.append("Model efficiency: " + (f"{efficiency:.3f} (reference tokens / response tokens over the "
                                          f"{m['accuracy']['count']} correct answers)"
                                          if efficiency is not None else "n/a (no correct answer)"))
-    lines.append(f"{'steps':>7} {'n':>6} {'accuracy':>18} {'mean length':>12}")
-    for row in m["by_steps"]:
-        accuracy = f"{_percent(row['accuracy'])} ({row['correct']})"
-        lines.append(f"{row['steps']:>7} {row['n']:>6} {accuracy:>18} {row['mean_length']:>12.1f}")
+    # In a notebook the per-step buckets follow as a rendered table; elsewhere as text, here.
+    as_table = file is None and runtime.in_notebook()
+    if not as_table:
+        lines.append(f"{'steps':>7} {'n':>6} {'accuracy':>18} {'95% CI':>16} {'mean length':>12}")
+        for cells in _step_bucket_cells(m["by_steps"]):
+            lines.append(f"{cells['steps']:>7} {cells['n']:>6} {cells['accuracy']:>18} {cells['95% CI']:>16} "
+                         f"{cells['mean length']:>12}")
     timing = summary.get("timing") or {}
     if timing.get("generation_s"):
         rate = timing.get("tokens_per_s") or 0
@@ -943,6 +946,24 @@ def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
     if files.get("results"):
         lines.append(f"Per-question results: {files['results']}")
     print("\n".join(lines), file=out, flush=True)
+    if as_table:
+        runtime.show(step_bucket_frame(summary))
+
+
+def _step_bucket_cells(by_steps: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    # One formatting for the text table and the notebook table.
+    return [{"steps": str(row["steps"]), "n": str(row["n"]),
+             "accuracy": f"{_percent(row['accuracy'])} ({row['correct']})",
+             "95% CI": f"{_percent(row['ci_low'])}–{_percent(row['ci_high'])}",
+             "mean length": f"{row['mean_length']:.1f}"} for row in by_steps]
+
+
+def step_bucket_frame(summary: Mapping[str, Any]) -> Any:
+    """The per-step buckets of an ``evaluate`` summary as a pandas DataFrame for notebooks: one row per
+    step-count bucket, with questions, accuracy (correct count), its 95% Wilson interval and mean length."""
+    import pandas as pd
+
+    return pd.DataFrame(_step_bucket_cells(summary["metrics"]["by_steps"])).set_index("steps")
 
 
 def _records(source: Any) -> list[dict[str, Any]]:
@@ -1051,3 +1072,20 @@ def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, t
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=120)
     return figure
+
+
+def plot_against_baseline(summary: Mapping[str, Any], path: str | os.PathLike | None = None) -> Any:
+    """Response lengths of this run overlaid on the baseline's, or None when there is no baseline to compare.
+
+    ``summary``: what ``training.evaluate_saved_run`` returns; it names the baseline's results file
+    (``baseline_results``) and the two labels (``baseline_comparison``) when the baseline's results exist. The PNG
+    is saved beside this run's results as ``length_vs_baseline.png`` unless ``path`` says otherwise.
+    """
+    baseline = summary.get("baseline_results")
+    if not baseline:
+        return None
+    results = Path(summary["files"]["results"])
+    baseline_label, label = summary["baseline_comparison"]["labels"]
+    return plot_length_histogram({baseline_label: baseline, label: results},
+                                 path if path is not None else results.with_name("length_vs_baseline.png"),
+                                 title=f"Response lengths on GSM8K test: {label} vs {baseline_label}")

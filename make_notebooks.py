@@ -243,7 +243,10 @@ OUT_DIR = "outputs/data_analysis"  # @param {type:"string"}
         markdown(
             "## Token-length statistics of the GSM8K train split\n"
             "Question and solution lengths in Qwen2.5 tokens (raw text, no special tokens), their correlations, "
-            "and the per-step table behind the step-aware length budgets."),
+            "and the per-step table behind the step-aware length budgets; then the histograms of answer and "
+            "question lengths and the answer length by step count (the study's point: more steps, longer "
+            "solutions), with each step count's 97.5% trimmed max, the step-aware budget, marked in red. The "
+            "plots are also saved as PNGs in `OUT_DIR`."),
         code('''
 import analysis
 
@@ -327,12 +330,12 @@ result = training.train(config)
 '''),
         markdown("## Training curves\nReward, accuracy, mean length, efficiency and the length correlations per "
                  "step, from the trainer's log history (no Weights & Biases needed)."),
-        code("training.plot_training_curves(result.output_dir);"),
+        code("import runtime\n\nruntime.show(training.plot_training_curves(result.output_dir))"),
         markdown("## Evaluate the adapter on the GSM8K test split\nGreedy decoding, 512 new tokens; the "
                  "per-question results and the summary are saved beside the adapter."),
         code("summary = training.evaluate_adapter(result, limit=EVAL_LIMIT or None)"),
         markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
+        code("import evaluation\n\nruntime.show(evaluation.plot_length_histogram(summary))"),
     ]
     intro = f"{about}\n\nOne of the study's four GRPO runs; `Eval_{folder}_GRPO.ipynb` re-evaluates the saved adapter."
     return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", ("training",), body)
@@ -364,8 +367,16 @@ import training
 summary = training.evaluate_saved_run(METHOD, adapter=ADAPTER or None, save_to_drive=SAVE_TO_DRIVE,
                                       limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
 '''),
-        markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
+        markdown("## Response lengths\nThis run's lengths, correct and incorrect answers stacked, then overlaid on "
+                 "the baseline's when its results are present. Saved as `length_histogram.png` and "
+                 "`length_vs_baseline.png` beside the results."),
+        code("""
+import evaluation
+import runtime
+
+runtime.show(evaluation.plot_length_histogram(summary))
+runtime.show(evaluation.plot_against_baseline(summary))
+"""),
     ]
     intro = f"Re-evaluates the LoRA adapter saved by `{folder}_GRPO.ipynb` ({title}). {about}"
     return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", ("training",),
@@ -400,7 +411,7 @@ summary = evaluation.evaluate(config)
 evaluation.print_summary(summary)
 '''),
         markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("evaluation.plot_length_histogram(summary)"),
+        code("import runtime\n\nruntime.show(evaluation.plot_length_histogram(summary))"),
     ]
     return Notebook("Initial_evaluation.ipynb", "Initial evaluation: the untrained model",
                     "Accuracy, format and length of Qwen2.5-0.5B-Instruct before any training, the study's "
@@ -422,8 +433,8 @@ OUT_DIR = "outputs/results"  # @param {type:"string"}
         markdown("## Comparison\nOne row per run: accuracy ± 95% CI, format accuracy, mean length, out-of-limit "
                  "rate, efficiency and training time, with the study's published numbers as reference rows; then "
                  "each run paired with the baseline (accuracy difference with a bootstrap CI, McNemar's exact "
-                 "p-value, length difference). Then the accuracy–length Pareto chart, the length distributions and "
-                 "the per-step buckets."),
+                 "p-value, length difference). Below the tables: the accuracy–length Pareto chart, the length "
+                 "distributions and the per-step buckets, also saved as PNGs in `OUT_DIR`."),
         code('''
 import results
 

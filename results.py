@@ -11,9 +11,9 @@ Notebook::
 
     runs = results.find_runs(["outputs", "MyDrive/length-rl"])
     rows = results.comparison_table(runs)           # + the study's published numbers, labelled
-    print(results.format_table(rows))
+    print(results.format_table(rows))                # or runtime.show(results.table_frame(rows)): a table
     print(results.format_pairs(results.paired_against_baseline(runs)))
-    results.plot_pareto(runs, "outputs/results/pareto.png")
+    runtime.show(results.plot_pareto(runs, "outputs/results/pareto.png"))
 
 or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``.
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 import data
 import rewards
+import runtime
 
 STUDY_TEST_QUESTIONS = 1319
 # The study's published results on the 1319 test questions (greedy decoding). ``correct`` is the count behind
@@ -289,23 +290,51 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _table_cells(row: Mapping[str, Any]) -> dict[str, str]:
+    # One formatting for the text table and the notebook table.
+    interval = (f"[{100 * row['accuracy_ci_low']:.2f}, {100 * row['accuracy_ci_high']:.2f}]"
+                if row.get("accuracy_ci_low") is not None else "")
+    return {"Method": row["name"], "Source": row["source"], "n": str(row["n"]),
+            "Accuracy": _percent(row["accuracy"]), "95% CI": interval,
+            "Format": _percent(row["format_accuracy"]), "Mean length": _number(row["mean_length"]),
+            "Out-of-limit": _percent(row["out_of_limit_rate"]), "Efficiency": _number(row["efficiency"], 3),
+            "Training time": format_duration(row["train_seconds"])}
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison table as fixed-width text; the study's rows are marked as published references."""
     header = ("Method", "Source", "n", "Accuracy [95% CI]", "Format", "Mean length", "Out-of-limit",
               "Efficiency", "Training time")
     body = []
     for row in rows:
-        interval = (f" [{100 * row['accuracy_ci_low']:.2f}, {100 * row['accuracy_ci_high']:.2f}]"
-                    if row.get("accuracy_ci_low") is not None else "")
-        body.append((row["name"], row["source"], str(row["n"]), _percent(row["accuracy"]) + interval,
-                     _percent(row["format_accuracy"]), _number(row["mean_length"]),
-                     _percent(row["out_of_limit_rate"]), _number(row["efficiency"], 3),
-                     format_duration(row["train_seconds"])))
+        cells = _table_cells(row)
+        accuracy = f"{cells['Accuracy']} {cells['95% CI']}".rstrip()
+        body.append((cells["Method"], cells["Source"], cells["n"], accuracy,
+                     *(cells[column] for column in header[4:])))
     text = _text_table(header, body)
     if any(row["source"] == STUDY_SOURCE for row in rows):
         text += (f"\nRows marked '{STUDY_SOURCE}' are the study's reported numbers on {STUDY_TEST_QUESTIONS} test "
                  "questions (reference only, not rerun here); '-': not reported.")
     return text
+
+
+STUDY_ROW_STYLE = "color: #6a6a6a; font-style: italic; background-color: #f4f4f4"
+
+
+def table_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The comparison table for notebooks: the cells of ``format_table`` (percentages, the 95% interval in
+    points, durations) as a pandas Styler whose ``.data`` is the DataFrame; the study's published rows are
+    set apart in gray italics. ``to_frame`` gives the raw numbers instead."""
+    import pandas as pd
+
+    frame = pd.DataFrame([_table_cells(row) for row in rows])
+    published = [row["source"] == STUDY_SOURCE for row in rows]
+    styler = frame.style.hide(axis="index").apply(
+        lambda column: [STUDY_ROW_STYLE if study else "" for study in published], axis=0)
+    if any(published):
+        styler = styler.set_caption(f"Gray rows: the study's reported numbers on {STUDY_TEST_QUESTIONS} test "
+                                    "questions (reference only, not rerun here); '-': not reported.")
+    return styler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,16 +385,32 @@ def format_pairs(pairs: Sequence[Mapping[str, Any]]) -> str:
     if not pairs:
         return "No baseline run found: nothing to compare against."
     header = ("Run", "vs", "n", "Δ accuracy [95% CI]", "McNemar p", "Δ mean length [95% CI]")
-    body = []
-    for pair in pairs:
-        accuracy, length = pair["accuracy_diff"], pair["length_diff"]
-        body.append((pair["run"], pair["baseline"], str(pair["n"]),
-                     f"{100 * accuracy['estimate']:+.2f} [{100 * accuracy['ci_low']:+.2f}, "
-                     f"{100 * accuracy['ci_high']:+.2f}] pts",
-                     f"{pair['mcnemar']['p_value']:.3g}",
-                     f"{length['estimate']:+.1f} [{length['ci_low']:+.1f}, {length['ci_high']:+.1f}]"))
-    return (_text_table(header, body) + "\nPaired by question (paired bootstrap intervals, McNemar's exact test on "
-            "the questions that only one of the two runs answers correctly).")
+    body = [tuple(_pair_cells(pair).values()) for pair in pairs]
+    return (_text_table(header, body) + "\n" + PAIRS_NOTE)
+
+
+PAIRS_NOTE = ("Paired by question (paired bootstrap intervals, McNemar's exact test on the questions that only one "
+              "of the two runs answers correctly).")
+
+
+def _pair_cells(pair: Mapping[str, Any]) -> dict[str, str]:
+    # One formatting for the text table and the notebook table.
+    accuracy, length = pair["accuracy_diff"], pair["length_diff"]
+    return {"Run": pair["run"], "vs": pair["baseline"], "n": str(pair["n"]),
+            "Δ accuracy [95% CI]": f"{100 * accuracy['estimate']:+.2f} [{100 * accuracy['ci_low']:+.2f}, "
+                                   f"{100 * accuracy['ci_high']:+.2f}] pts",
+            "McNemar p": f"{pair['mcnemar']['p_value']:.3g}",
+            "Δ mean length [95% CI]": f"{length['estimate']:+.1f} [{length['ci_low']:+.1f}, "
+                                      f"{length['ci_high']:+.1f}]"}
+
+
+def pairs_frame(pairs: Sequence[Mapping[str, Any]]) -> Any:
+    """The paired comparisons for notebooks: the cells of ``format_pairs`` as a pandas Styler (``.data`` is the
+    DataFrame), captioned with how the pairs were tested."""
+    import pandas as pd
+
+    frame = pd.DataFrame([_pair_cells(pair) for pair in pairs])
+    return frame.style.hide(axis="index").set_caption(PAIRS_NOTE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,17 +532,24 @@ PLOT_FILES = {"pareto": "pareto.png", "lengths": "length_distributions.png", "st
 def report(root_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
            out_dir: str | os.PathLike | None = None, include_study: bool = True,
            n_boot: int | None = None) -> dict[str, Any]:
-    """Find the runs, print the comparison table and the paired comparisons, and draw the three plots
-    (saved as PNGs under ``out_dir`` when given). Returns ``runs``, ``rows``, ``pairs`` and ``figures``."""
+    """Find the runs, show the comparison table and the paired comparisons, and draw the three plots (saved as
+    PNGs under ``out_dir`` when given). In a notebook the tables render as tables and the plots show below them
+    (``runtime.show``); elsewhere the tables print as text. Returns ``runs``, ``rows``, ``pairs`` and
+    ``figures``."""
     runs = find_runs(root_or_paths)
     rows = comparison_table(runs, include_study=include_study)
     pairs = paired_against_baseline(runs, n_boot=n_boot)
-    print(format_table(rows), end="\n\n", flush=True)
-    print(format_pairs(pairs), flush=True)
+    runtime.show(table_frame(rows), text=format_table(rows) + "\n")
+    if pairs:
+        runtime.show(pairs_frame(pairs), text=format_pairs(pairs))
+    else:
+        print(format_pairs(pairs), flush=True)
     folder = Path(out_dir) if out_dir is not None else None
     figures = {
         "pareto": plot_pareto(runs, folder / PLOT_FILES["pareto"] if folder else None, include_study),
         "lengths": plot_length_distributions(runs, folder / PLOT_FILES["lengths"] if folder else None),
         "steps": plot_step_buckets(runs, folder / PLOT_FILES["steps"] if folder else None),
     }
+    for figure in figures.values():
+        runtime.show(figure)
     return {"runs": runs, "rows": rows, "pairs": pairs, "figures": figures}

@@ -9,6 +9,7 @@ One small module so that notebooks, CLIs and tests agree on:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -316,3 +317,77 @@ def t4_vllm_environment(capability: tuple[int, int] | None = None) -> dict[str, 
             os.environ[name] = value
             applied[name] = value
     return applied
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebooks: figures and tables inline, progress bars without warnings
+# --------------------------------------------------------------------------------------------------
+
+def in_notebook() -> bool:
+    """True inside a Jupyter or Colab kernel; False in a script, a terminal IPython or pytest."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def show(item: Any, text: str | None = None) -> None:
+    """The one way figures and tables reach the user: inline in a notebook, as ``text`` (when given) elsewhere.
+
+    In a notebook a matplotlib figure is rendered to PNG here, so it shows whatever the backend (a figure made
+    without pyplot has no inline formatter, and would display as ``<Figure size ...>``); a pyplot figure is then
+    closed so the inline backend does not show it a second time. Anything else (a pandas DataFrame or Styler,
+    shown as an HTML table) goes to IPython's ``display``. ``None`` shows nothing.
+    """
+    if not in_notebook():
+        if text is not None:
+            print(text, flush=True)
+        return
+    if item is None:
+        return
+    from IPython.display import Image, display
+
+    if hasattr(item, "savefig"):
+        buffer = io.BytesIO()
+        item.savefig(buffer, format="png", dpi=100)
+        display(Image(data=buffer.getvalue(), format="png"))
+        if getattr(item.canvas, "manager", None) is not None:  # made by pyplot
+            import matplotlib.pyplot as plt
+
+            plt.close(item)
+    else:
+        display(item)
+
+
+def _has_widgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+def progress_bar(**tqdm_arguments: Any) -> Any:
+    """A tqdm bar: the notebook widget where ipywidgets is installed (Colab), else the text bar (terminals, and
+    Jupyter without widgets, where ``tqdm.auto`` would warn "IProgress not found" first)."""
+    if in_notebook() and _has_widgets():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm(**tqdm_arguments)
+
+
+def _quiet_tqdm_auto() -> None:
+    # In a kernel without ipywidgets, the first import of ``tqdm.auto`` (by datasets, transformers, ...) warns
+    # "IProgress not found" and falls back to the text bar, which is what we want: import it once, quietly.
+    # Every module imports runtime before those libraries, so this import is the first.
+    if "tqdm.auto" in sys.modules or not in_notebook() or _has_widgets():
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        try:
+            import tqdm.auto  # noqa: F401
+        except ImportError:  # no tqdm: nothing will warn either
+            pass
+
+
+_quiet_tqdm_auto()

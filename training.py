@@ -1106,7 +1106,7 @@ def evaluate_saved_run(method: str, adapter: str | None = None, save_to_drive: b
             comparison = evaluation.compare_runs(baseline_results, evaluation.result_paths(run_dir / "eval")[0],
                                                  labels=("baseline", method))
             evaluation.print_comparison(comparison)
-            summary = {**summary, "baseline_comparison": comparison}
+            summary = {**summary, "baseline_comparison": comparison, "baseline_results": str(baseline_results)}
     return summary
 
 

@@ -109,8 +109,9 @@ def plot(series: dict[str, list[float]], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import evaluation
     import metrics
+
+    import evaluation
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -454,6 +454,42 @@ def test_plot_length_histogram(tmp_path):
     assert len(overlay.axes[0].get_legend().get_texts()) == 2
 
 
+def test_step_buckets_show_as_a_table_with_the_texts_cells(capsys):
+    records = hand_built_records()
+    summary = {"model": runtime.MODEL_ID, "adapter": None, "backend": "hf",
+               "metrics": evaluation.compute_metrics(records),
+               "generation": {"decoding": "greedy", "max_new_tokens": 512}}
+    frame = evaluation.step_bucket_frame(summary)
+    buckets = summary["metrics"]["by_steps"]
+    assert list(frame.index) == [row["steps"] for row in buckets]
+    assert list(frame.columns) == ["n", "accuracy", "95% CI", "mean length"]
+    first = buckets[0]
+    assert frame.iloc[0]["accuracy"] == f"{100 * first['accuracy']:.2f}% ({first['correct']})"
+    assert frame.iloc[0]["95% CI"] == f"{100 * first['ci_low']:.2f}%–{100 * first['ci_high']:.2f}%"
+    # Outside a notebook print_summary prints the same rows as text.
+    evaluation.print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    for label, row in frame.iterrows():
+        line = next(line for line in lines if line.split() and line.split()[0] == label)
+        assert line.split() == [label, row["n"], *row["accuracy"].split(), row["95% CI"], row["mean length"]]
+
+
+def test_plot_against_baseline_overlays_the_two_runs_or_returns_none(tmp_path):
+    records = hand_built_records()
+    run, baseline = tmp_path / "run" / evaluation.RESULTS_FILE, tmp_path / "baseline" / evaluation.RESULTS_FILE
+    evaluation.save_records(records, run)
+    evaluation.save_records(records[:4], baseline)
+    summary = {"files": {"results": str(run)}}
+    assert evaluation.plot_against_baseline(summary) is None  # no baseline results: nothing to compare
+    comparison = evaluation.compare_runs(baseline, run, n_boot=100, labels=("baseline", "group"))
+    figure = evaluation.plot_against_baseline({**summary, "baseline_comparison": comparison,
+                                               "baseline_results": str(baseline)})
+    assert (tmp_path / "run" / "length_vs_baseline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("baseline (mean") and labels[1].startswith("group (mean")
+    assert "group vs baseline" in figure.axes[0].get_title()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real text: SmolLM2-135M-Instruct (GGUF) when present
 # ---------------------------------------------------------------------------------------------------------

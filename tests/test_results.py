@@ -8,6 +8,7 @@ them out: ``<run>/run_config.json``, ``<run>/adapter/run_config.json`` (training
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,39 @@ def test_report_does_everything_in_one_call(outputs, tmp_path, capsys):
     assert len(out["runs"]) == 4 and len(out["pairs"]) == 3
     for filename in results.PLOT_FILES.values():
         assert _is_png(tmp_path / "report" / filename)
+
+
+def test_the_notebook_table_has_the_text_tables_cells_and_sets_the_studys_rows_apart(outputs):
+    rows = results.comparison_table(results.find_runs(outputs))
+    styler = results.table_frame(rows)
+    frame = styler.data
+    assert list(frame["Method"]) == [row["name"] for row in rows]
+    baseline = frame[frame["Method"] == "baseline"].iloc[0]
+    assert baseline["Accuracy"] == "75.00%" and baseline["Training time"] == "1 h 02 min"
+    # Every formatted cell of the notebook table is in the text table too.
+    text = results.format_table(rows)
+    for _, row in frame.iterrows():
+        line = next(line for line in text.splitlines() if line.startswith(row["Method"] + " "))
+        assert all(cell in line for cell in row if cell)
+    html = styler.to_html()
+    css = html[:html.index("</style>")]
+    assert "font-style: italic" in css
+    # The style sheet styles exactly the cells of the study's rows: every column of rows 4 to 7.
+    styled = {(int(r), int(c)) for r, c in re.findall(r"_row(\d+)_col(\d+)", css)}
+    study = {i for i, row in enumerate(rows) if row["source"] == results.STUDY_SOURCE}
+    assert study == {4, 5, 6, 7}
+    assert styled == {(r, c) for r in study for c in range(len(frame.columns))}
+    assert "Gray rows" in html
+
+
+def test_the_notebook_pairs_table_has_the_text_tables_cells(outputs):
+    pairs = results.paired_against_baseline(results.find_runs(outputs), n_boot=200)
+    frame = results.pairs_frame(pairs).data
+    assert list(frame.columns) == ["Run", "vs", "n", "Δ accuracy [95% CI]", "McNemar p", "Δ mean length [95% CI]"]
+    assert len(frame) == len(pairs) == 3
+    untrained = frame[frame["Run"] == "untrained"].iloc[0]
+    assert untrained["McNemar p"] == "0.5" and untrained["Δ accuracy [95% CI]"].startswith("-50.00 [")
+    text = results.format_pairs(pairs)
+    for _, row in frame.iterrows():
+        line = next(line for line in text.splitlines() if line.startswith(row["Run"] + " "))
+        assert all(cell in line for cell in row)

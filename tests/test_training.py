@@ -285,6 +285,7 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
         other = training.evaluate_saved_run("group")
         assert other["baseline_comparison"]["n"] == 8
         assert other["baseline_comparison"]["labels"] == ["baseline", "group"]
+        assert Path(other["baseline_results"]).parts[-3:] == ("Baseline-smoke", "eval", "eval_results.jsonl")
         assert Path(other["adapter_path"]).parts[-2:] == ("Group_method-smoke", "adapter")
         with pytest.raises(FileNotFoundError, match="no trained adapter"):
             training.evaluate_saved_run("ans_len")
