@@ -1092,6 +1092,7 @@ def _run_keeper(output_dir: Path, session: dict[str, Any], save_total_limit: int
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
+            state.compute_steps(args, state.max_steps)  # a resumed state keeps its old save/logging steps otherwise
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.critical = False
@@ -1120,9 +1121,9 @@ def _run_keeper(output_dir: Path, session: dict[str, Any], save_total_limit: int
             if self.trainer is not None:
                 self.trainer.accelerator.wait_for_everyone()  # every process has written its files
             if state.is_world_process_zero:
+                self.write_logs(state)  # first: a complete checkpoint's steps are always in log_history.json
                 mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
                 _rotate_checkpoints(Path(args.output_dir), save_total_limit)
-                self.write_logs(state)
 
     return RunKeeper()
 

@@ -166,6 +166,19 @@ def test_running_a_finished_run_again_reuses_it(tmp_path, capsys, parity_method,
     assert record["global_step"] == 3 and record["max_steps"] == 3 and len(record["sessions"]) == 2
     assert record["sessions"][1]["changed"] == {"max_steps": [2, 3]}
 
+    # Stopped after its last checkpoint but before the adapter was saved: the checkpoint becomes the adapter,
+    # nothing is trained again.
+    shutil.rmtree(run / "adapter")
+    capsys.readouterr()
+    final = training.train(config_for(run, method=parity_method, max_steps=3))
+    assert "its adapter saved to" in capsys.readouterr().out
+    assert final.global_step == 3 and final.resumed_from == str(run / "checkpoints" / "checkpoint-3")
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").read_bytes()
+    assert (run / "adapter" / "tokenizer_config.json").is_file() and not (run / "adapter" / "optimizer.pt").exists()
+    assert [e["step"] for e in _batches(run)] == [1, 2, 3]
+    assert training.train(config_for(run, method=parity_method, max_steps=None)).reused
+
 
 # --------------------------------------------------------------------------------------------------
 # 2. Every setting that shapes training is part of the run's identity
@@ -187,7 +200,7 @@ def test_resuming_with_a_changed_setting_is_a_one_line_error(tmp_path, capsys, t
     run = tmp_path / "run"
     argv = ["--output-dir", str(run), "--model", runtime.TINY_MODEL, "--backend", "trl", "--no-smoke",
             "--train-size", "8", "--num-generations", "4", "--per-device-train-batch-size", "4",
-            "--steps-per-generation", "2", "--max-completion-length", "8", "--max-steps", "3", "--save-steps", "1",
+            "--steps-per-generation", "2", "--max-completion-length", "8", "--max-steps", "4", "--save-steps", "1",
             "--precision", "fp32", "--no-gradient-checkpointing", "--report-to", "none", "--no-live-view", "--no-eval"]
     config = training.config_from_args(training.build_parser().parse_args(argv))
     with pytest.raises(KeyboardInterrupt):
@@ -203,14 +216,14 @@ def test_resuming_with_a_changed_setting_is_a_one_line_error(tmp_path, capsys, t
     assert not (run / "checkpoints" / "checkpoint-2").exists()
 
     # What may change does, and is recorded per session; run_config.json says what actually trained.
-    result = training.main([*argv, "--save-steps", "2", "--live-view"])
-    assert result.global_step == 3 and "── step 2:" in capsys.readouterr().out
+    result = training.main([*argv, "--save-steps", "3", "--live-view"])
+    assert result.global_step == 4 and "── step 2:" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == [
-        "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+        "checkpoint-1", "checkpoint-3", "checkpoint-4"]
     saved = json.loads((run / "run_config.json").read_text())
-    assert [s["changed"] for s in saved["sessions"]] == [{}, {"save_steps": [1, 2], "live_view": [False, True]}]
-    assert saved["config"]["save_steps"] == 2
-    assert _steps(result.log_history, "learning_rate")[3] == saved["config"]["learning_rate"]
+    assert [s["changed"] for s in saved["sessions"]] == [{}, {"save_steps": [1, 3], "live_view": [False, True]}]
+    assert saved["config"]["save_steps"] == 3
+    assert _steps(result.log_history, "learning_rate")[4] == saved["config"]["learning_rate"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +404,7 @@ def test_sigterm_and_sigkill_keep_the_run(tmp_path, parity_method, tokenizer_dir
     as SIGTERM does; the run then resumes and finishes with every step once."""
     run = tmp_path / "run"
     config = {key: value for key, value in training.dataclasses.asdict(
-        config_for(run, method=parity_method, max_steps=6, save_steps=1)).items()}
+        config_for(run, method=parity_method, max_steps=10, save_steps=1)).items()}
 
     killed = _start_worker(config, tmp_path / "killed.log")
     _wait_for(lambda: _newest_step(run) >= 2, killed, tmp_path / "killed.log")
@@ -405,7 +418,10 @@ def test_sigterm_and_sigkill_keep_the_run(tmp_path, parity_method, tokenizer_dir
     config["save_steps"] = 10  # the next checkpoint can only come from SIGTERM
     stopped = _start_worker(config, tmp_path / "stopped.log")
     resume_step = _newest_step(run)
-    _wait_for(lambda: any(b["step"] == resume_step + 2 for b in _batches(run)), stopped, tmp_path / "stopped.log")
+    # This session has trained its first step (so batches.jsonl lost the killed session's later steps) and
+    # generated its second: SIGTERM comes during that step.
+    _wait_for(lambda: len(_sessions(run)) == 2 and _sessions(run)[1]["end_step"] > resume_step
+              and any(b["step"] == resume_step + 2 for b in _batches(run)), stopped, tmp_path / "stopped.log")
     stopped.send_signal(signal.SIGTERM)
     assert stopped.wait(120) == -signal.SIGTERM, (tmp_path / "stopped.log").read_text()[-3000:]
     sessions = _sessions(run)
@@ -415,8 +431,8 @@ def test_sigterm_and_sigkill_keep_the_run(tmp_path, parity_method, tokenizer_dir
         tmp_path / "stopped.log").read_text()
 
     result = training.train(training.TrainConfig(**config))
-    assert result.global_step == 6
-    assert [b["step"] for b in _batches(run)] == [1, 2, 3, 4, 5, 6]
+    assert result.global_step == 10
+    assert [b["step"] for b in _batches(run)] == list(range(1, 11))
     record = json.loads((run / "adapter" / "run_config.json").read_text())
     assert [s["status"] for s in record["sessions"]] == ["killed", "interrupted", "finished"]
     assert record["train_seconds_total"] == pytest.approx(sum(s["seconds"] for s in _sessions(run)))
