@@ -36,10 +36,14 @@ fewer). Two GPUs (``accelerate launch``) double the completions per step at abou
 Outputs (``output_dir`` = ``runtime.output_dir(folder, save_to_drive)``, i.e. ``outputs/<folder>`` or Google
 Drive ``MyDrive/length-rl/<folder>``)::
 
-    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, times, versions)
-    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps (the run resumes from the latest)
-    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step)
-    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume)
+    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, sessions, times,
+                                     versions); written last, it marks the run finished (running again re-uses it)
+    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps, each ending with CHECKPOINT_MARKER (the
+                                     run resumes from the newest complete one)
+    <output_dir>/run_config.json     the run's settings (RUN_IDENTITY is fixed) and each session's
+    <output_dir>/sessions.jsonl      each session's start and end step, seconds and status, updated every step
+    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step), kept current
+    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume), each once
     <output_dir>/training_curves.png plot_training_curves()
     <output_dir>/wandb/              Weights & Biases files (offline: ``wandb sync <output_dir>/wandb/offline-run-*``)
 """
@@ -1632,8 +1636,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         result = train(config)
         if _distributed()[0] == 0:
             plot_training_curves(result.output_dir)
-            print(f"Adapter: {result.adapter_dir}  ({result.train_seconds:.0f} s, {result.global_step} steps)",
-                  flush=True)
+            done = "re-used" if result.reused else f"{result.train_seconds:.0f} s"
+            print(f"Adapter: {result.adapter_dir}  ({done}, {result.global_step} steps)", flush=True)
             if namespace.run_eval:  # a re-used run's saved results are reported, not computed again
                 evaluate_adapter(result, limit=namespace.eval_limit, backend=namespace.eval_backend)
     return result
