@@ -747,9 +747,7 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in data.iter_jsonl(path)] if path.is_file() else []
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -1153,14 +1151,19 @@ _TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_s
                          CHECKPOINT_MARKER)
 
 
-def _set_aside_evaluation(output_dir: Path) -> None:
-    # A run trained further gets a new adapter: the old adapter's evaluation must not pass for the new one's.
+def _before_new_adapter(output_dir: Path) -> None:
+    """A run trained further gets a new adapter: first its old final record goes (so a stop while the new adapter
+    is written leaves an unfinished run, not a finished one with a mixed adapter), and the old adapter's
+    evaluation moves to ``eval-step-<step>`` (it must not pass for the new adapter's)."""
     record = _finished_record(output_dir)
-    if record is not None and (output_dir / "eval").is_dir():
+    if record is None:
+        return
+    if (output_dir / "eval").is_dir():
         target = output_dir / f"eval-step-{record.get('global_step')}"
         shutil.rmtree(target, ignore_errors=True)
         (output_dir / "eval").rename(target)
         print(f"The step-{record.get('global_step')} adapter's evaluation moved to {target}", flush=True)
+    (output_dir / "adapter" / "run_config.json").unlink()
 
 
 def _final_record(run: dict[str, Any], sessions: list[dict[str, Any]], global_step: int, max_steps: int,
@@ -1180,12 +1183,18 @@ def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainCon
     """The run trained its last step but was stopped before saving the adapter: the last checkpoint holds the
     trained adapter and tokenizer, so copy them into adapter/ (nothing is trained again)."""
     adapter_dir = output_dir / "adapter"
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    run = _read_json(output_dir / "run_config.json") or {"config": dataclasses.asdict(config)}
+    result = TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
+                         log_history=state["log_history"], resumed_from=str(checkpoint),
+                         global_step=state["global_step"], backend=run.get("backend", "trl"), config=config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result  # the main process writes
+    _before_new_adapter(output_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     for path in checkpoint.iterdir():
         if path.is_file() and path.name not in _TRAINING_STATE_FILES and not path.name.startswith("rng_state"):
             shutil.copy2(path, adapter_dir / path.name)
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    run = _read_json(output_dir / "run_config.json") or {"config": dataclasses.asdict(config)}
     _start_session(output_dir, state["global_step"])  # marks the killed session
     sessions = _read_jsonl(output_dir / "sessions.jsonl")
     _write_json(output_dir / "log_history.json", state["log_history"])
@@ -1193,9 +1202,7 @@ def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainCon
                 _final_record(run, sessions, state["global_step"], state["max_steps"], 0.0, checkpoint))
     print(f"{checkpoint} is the run's last step: its adapter saved to {adapter_dir} (nothing trained again)",
           flush=True)
-    return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
-                       log_history=state["log_history"], resumed_from=str(checkpoint),
-                       global_step=state["global_step"], backend=run.get("backend", "trl"), config=config)
+    return result
 
 
 def _reuse_finished(output_dir: Path, record: dict[str, Any], config: TrainConfig) -> TrainResult:
@@ -1277,6 +1284,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         raise runtime.ConfigError(f"{output_dir} already holds a run and resume=False; choose another folder, "
                                   "delete it, or resume")
     start_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    target = config.max_steps
     if record is not None:
         done = record["global_step"]
         target = config.max_steps if config.max_steps is not None else record.get("max_steps", done)
@@ -1292,10 +1300,11 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     elif resume_from is not None:
         planned = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
         target = config.max_steps if config.max_steps is not None else planned
-        if target is not None and start_step > target:
+    if resume_from is not None and target is not None:
+        if start_step > target:
             raise runtime.ConfigError(f"{resume_from} is already past max_steps={target}: give max_steps >= "
                                       f"{start_step}, or choose another folder")
-        if start_step == target:
+        if start_step == target:  # trained to the end, stopped before the adapter was saved
             return _finish_from_checkpoint(output_dir, resume_from, config)
     for path, problem in skipped:
         print(f"Warning: skipping {path}: {problem}", file=sys.stderr, flush=True)
@@ -1327,7 +1336,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
             f"needs {per_step}: nothing to train")
 
     # Everything is checked: from here on the run writes into its folder.
-    _set_aside(skipped)
+    if rank == 0:
+        _set_aside(skipped)
     if config.report_to == "wandb":
         mode = _setup_wandb(config, output_dir)
         if rank == 0:
@@ -1402,7 +1412,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         train_seconds = keeper.seconds()
         adapter_dir = output_dir / "adapter"
         if trainer.accelerator.is_main_process:
-            _set_aside_evaluation(output_dir)
+            _before_new_adapter(output_dir)
         trainer.save_model(str(adapter_dir))  # adapter weights + config (main process only)
         if trainer.accelerator.is_main_process:
             trainer_tokenizer.save_pretrained(str(adapter_dir))
