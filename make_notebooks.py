@@ -294,8 +294,10 @@ The defaults reproduce the study (Qwen2.5-0.5B-Instruct with LoRA, 4000 training
 
 **Never lose a run.** With `SAVE_TO_DRIVE` the run folder lives on Google Drive. Checkpoints are written every
 `SAVE_STEPS` steps; after a disconnect, run all cells again and training resumes from the latest checkpoint with the
-same data order. Weights & Biases logs online with a `WANDB_API_KEY` Colab secret, otherwise offline (see README.md
-to sync later); `PUSH_TO_HUB` uses the `HF_TOKEN` secret.
+same data order. A finished run is re-used, not trained again: a larger `MAX_STEPS` trains it further, and a changed
+training setting (e.g. `LAMBDA`, `LEARNING_RATE`) needs another folder. Weights & Biases logs online with a
+`WANDB_API_KEY` Colab secret, otherwise offline (see README.md to sync later); `PUSH_TO_HUB` uses the `HF_TOKEN`
+secret.
 
 {SMOKE_NOTE}"""),
         code(f'''

@@ -36,10 +36,14 @@ fewer). Two GPUs (``accelerate launch``) double the completions per step at abou
 Outputs (``output_dir`` = ``runtime.output_dir(folder, save_to_drive)``, i.e. ``outputs/<folder>`` or Google
 Drive ``MyDrive/length-rl/<folder>``)::
 
-    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, times, versions)
-    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps (the run resumes from the latest)
-    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step)
-    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume)
+    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, sessions, times,
+                                     versions); written last, it marks the run finished (running again re-uses it)
+    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps, each ending with CHECKPOINT_MARKER (the
+                                     run resumes from the newest complete one)
+    <output_dir>/run_config.json     the run's settings (RUN_IDENTITY is fixed) and each session's
+    <output_dir>/sessions.jsonl      each session's start and end step, seconds and status, updated every step
+    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step), kept current
+    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume), each once
     <output_dir>/training_curves.png plot_training_curves()
     <output_dir>/wandb/              Weights & Biases files (offline: ``wandb sync <output_dir>/wandb/offline-run-*``)
 """
@@ -51,7 +55,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,10 +80,16 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # A completion "reached the limit" when it ended within this many tokens of max_completion_length.
 OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
-# Fields that define a run: resuming a folder whose saved run differs in one of them is an error.
-_RUN_IDENTITY = ("method", "lam", "reward_params", "budget", "budget_in_prompt", "model", "num_generations",
-                 "per_device_train_batch_size", "steps_per_generation", "max_completion_length", "train_size",
-                 "max_steps_in_question", "seed", "gsm8k_dir")
+# The settings that may change when a run resumes: where it is written, how often it is saved and logged, and
+# memory-only switches. Every other TrainConfig field shapes what is trained, so it is part of the run's identity
+# (RUN_IDENTITY): resuming with a different value is an error. ``max_steps`` may only grow (train further).
+RESUME_MAY_CHANGE = ("folder", "output_dir", "save_to_drive", "push_to_hub", "hub_repo", "save_steps",
+                     "save_total_limit", "logging_steps", "report_to", "wandb_project", "live_view", "resume", "smoke",
+                     "gradient_checkpointing", "vllm_gpu_memory_utilization")
+# Written last and atomically into a checkpoint folder: the names and sizes of the files saved before it.
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+# log_history.json is rewritten at most this often while training (and at every checkpoint): small on Drive.
+LOG_WRITE_SECONDS = 60.0
 SMOKE_QUESTIONS = 8
 SMOKE_STEPS = 2
 
@@ -162,6 +175,10 @@ class TrainConfig:
         return self.folder or default_folder(self.method)
 
 
+RUN_IDENTITY = tuple(spec.name for spec in dataclasses.fields(TrainConfig)
+                     if spec.name not in RESUME_MAY_CHANGE and spec.name != "max_steps")
+
+
 @dataclass
 class TrainResult:
     """What ``train`` returns; ``adapter_dir`` is what evaluation needs."""
@@ -177,6 +194,8 @@ class TrainResult:
     # The trained model and tokenizer, still in memory (main process), so evaluation can reuse them.
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    # True when the run had already finished and was re-used as it was (nothing trained, adapter untouched).
+    reused: bool = False
 
 
 def smoke_config(config: TrainConfig) -> TrainConfig:
@@ -207,6 +226,16 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
     )
 
 
+def smoke_overrides(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings given explicitly (not TrainConfig's defaults) that the smoke configuration replaces,
+    ``{name: (given, smoke value)}``: smoke mode says what it changed instead of changing it silently."""
+    smoke, defaults = smoke_config(config), TrainConfig()
+    return {spec.name: (getattr(config, spec.name), getattr(smoke, spec.name))
+            for spec in dataclasses.fields(TrainConfig)
+            if spec.name != "smoke" and getattr(config, spec.name) != getattr(defaults, spec.name)
+            and getattr(config, spec.name) != getattr(smoke, spec.name)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration checks (before anything heavy is loaded)
 # --------------------------------------------------------------------------------------------------
@@ -230,38 +259,41 @@ def reward_params(config: TrainConfig) -> dict[str, Any]:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Raise a clear error for a configuration that cannot train correctly; loads nothing.
+    """Raise a one-line ``runtime.ConfigError`` for a configuration that cannot train correctly; loads nothing.
 
     The group rewards compare the completions of one question, and TRL computes rewards on each process
     for that process's own completions. So every process must hold whole groups:
     ``per_device_train_batch_size * steps_per_generation`` (the completions one process generates at a
     time) must be a multiple of ``num_generations``. TRL itself only asks this of the sum over processes.
     """
+    error = runtime.ConfigError
     if config.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+        raise error(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     # These decide how completions are split across processes and steps: set them on TrainConfig, where the
     # whole-group check below sees them, never through grpo_overrides.
     guarded = sorted({"per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                       "num_generations", "generation_batch_size"} & set(config.grpo_overrides))
     if guarded:
-        raise ValueError(f"grpo_overrides may not set {guarded}: use the TrainConfig fields, which are checked "
-                         "for whole groups per process")
+        raise error(f"grpo_overrides may not set {guarded}: use the TrainConfig fields, which are checked "
+                    "for whole groups per process")
     if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        raise error(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.report_to not in {"wandb", "none"}:
-        raise ValueError(f"report_to must be 'wandb' or 'none', got {config.report_to!r}")
+        raise error(f"report_to must be 'wandb' or 'none', got {config.report_to!r}")
     for name in ("num_generations", "per_device_train_batch_size", "steps_per_generation", "max_completion_length",
-                 "train_size", "save_steps", "logging_steps", "lora_r", "max_prompt_length"):
+                 "train_size", "save_steps", "logging_steps", "lora_r", "max_prompt_length", "max_steps_in_question"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise error(f"{name} must be a positive integer, got {value!r}")
     if config.num_generations < 2:
-        raise ValueError("num_generations must be at least 2: GRPO compares completions within a group")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"max_steps must be positive or None, got {config.max_steps}")
+        raise error("num_generations must be at least 2: GRPO compares completions within a group")
+    for name in ("max_steps", "save_total_limit"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise error(f"{name} must be a positive integer or None, got {value!r}")
     per_process = config.per_device_train_batch_size * config.steps_per_generation
     if per_process % config.num_generations:
-        raise ValueError(
+        raise error(
             "groups would be split across processes: per_device_train_batch_size "
             f"({config.per_device_train_batch_size}) x steps_per_generation ({config.steps_per_generation}) = "
             f"{per_process} completions per process is not a multiple of num_generations "
@@ -269,17 +301,63 @@ def check_config(config: TrainConfig) -> None:
             "on one process; e.g. use steps_per_generation="
             f"{_next_multiple(per_process, config.num_generations) // config.per_device_train_batch_size}.")
     if not 0 < config.learning_rate < 1:
-        raise ValueError(f"learning_rate must be in (0, 1), got {config.learning_rate}")
-    if config.beta < 0:
-        raise ValueError(f"beta must be >= 0, got {config.beta}")
+        raise error(f"learning_rate must be in (0, 1), got {config.learning_rate}")
+    if not 0 <= config.warmup_ratio <= 1:
+        raise error(f"warmup_ratio must be in [0, 1], got {config.warmup_ratio}")
+    if not (math.isfinite(config.beta) and config.beta >= 0):
+        raise error(f"beta must be >= 0, got {config.beta}")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise error(f"temperature must be > 0, got {config.temperature}")
+    # A negative λ would turn every length penalty into a bonus for rambling.
+    if not (isinstance(config.lam, (int, float)) and math.isfinite(config.lam) and config.lam >= 0):
+        raise error(f"lam must be a number >= 0, got {config.lam!r}")
     if config.push_to_hub and not config.hub_repo:
-        raise ValueError("push_to_hub=True needs hub_repo, e.g. 'your-name/qwen-gsm8k-group'")
+        raise error("push_to_hub=True needs hub_repo, e.g. 'your-name/qwen-gsm8k-group'")
     if config.push_to_hub and not runtime.get_secret("HF_TOKEN"):
-        raise ValueError("push_to_hub=True needs an HF_TOKEN (Colab secret or environment variable)")
-    rewards.reward_functions(config.method, **reward_params(config))  # unknown method or parameter: error now
+        raise error("push_to_hub=True needs an HF_TOKEN (Colab secret or environment variable)")
+    _check_local_paths(config)
+    _check_reward_params(config)
     if "target_length" in rewards.method_columns(config.method) and config.budget is None:
-        raise ValueError(f"method {config.method!r} needs a per-question target_length: set budget to one of "
-                         "budgets.KINDS ('steps', 'reference', 'question')")
+        raise error(f"method {config.method!r} needs a per-question target_length: set budget to one of "
+                    "budgets.KINDS ('steps', 'reference', 'question')")
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # A Hub repo id is "name" or "owner/name"; anything absolute, relative or deeper is a folder on this machine.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name[1:2] == ":"
+
+
+def _check_local_paths(config: TrainConfig) -> None:
+    if config.model != runtime.TINY_MODEL and _looks_like_local_path(config.model):
+        if not Path(config.model).expanduser().is_dir():
+            raise runtime.ConfigError(f"model {config.model!r}: no such local folder (a Hub model is given as "
+                                      "'owner/name', e.g. 'Qwen/Qwen2.5-0.5B-Instruct')")
+    for name in ("tokenizer", "gsm8k_dir"):
+        value = getattr(config, name)
+        if value and not Path(value).expanduser().exists():
+            raise runtime.ConfigError(f"{name} {value!r}: no such local folder")
+
+
+def _check_reward_params(config: TrainConfig) -> None:
+    """Unknown method or parameter, a parameter of the wrong type or range, or one that contradicts the
+    TrainConfig field that sets it (``lam``, ``max_completion_length``): an error now, not after hours."""
+    if config.method not in rewards.METHODS:
+        raise runtime.ConfigError(f"unknown method {config.method!r}; choose one of {sorted(rewards.METHODS)}")
+    for name in ("lam", "max_completion_length"):
+        if name in config.reward_params and config.reward_params[name] != getattr(config, name):
+            raise runtime.ConfigError(
+                f"reward_params sets {name}={config.reward_params[name]!r} but the run's {name} is "
+                f"{getattr(config, name)!r}: set it with --{name.replace('_', '-')} (TrainConfig.{name}) only")
+    params = reward_params(config)
+    try:
+        rewards.reward_functions(config.method, **params)
+        check_params = getattr(rewards, "check_params", None)  # type and range checks (rewards.py)
+        if check_params is not None:
+            check_params(config.method, params)
+    except runtime.ConfigError:
+        raise
+    except (ValueError, TypeError) as problem:
+        raise runtime.ConfigError(str(problem)) from None
 
 
 def _next_multiple(value: int, base: int) -> int:
@@ -525,38 +603,204 @@ def _format_number(value: float | None) -> str | None:
 # Checkpoints, run records
 # --------------------------------------------------------------------------------------------------
 
-def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` folder (one with ``trainer_state.json``, which the trainer
-    writes last), so a checkpoint cut short by a disconnect is skipped rather than breaking the resume."""
+def _checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.split("-", 1)[1] if "-" in path.name else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why a ``checkpoint-<step>`` folder cannot be resumed from; None when it is complete.
+
+    Complete means: its completion marker (``CHECKPOINT_MARKER``, written last and atomically) exists, every
+    file it lists has the recorded size (a kill mid-save, a truncated copy or a half-synced Drive file fails
+    this), and ``trainer_state.json`` is valid JSON for that step."""
+    folder = Path(checkpoint)
+    try:
+        files = json.loads((folder / CHECKPOINT_MARKER).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_MARKER} (saving it was cut short)"
+    except (ValueError, KeyError, TypeError):
+        return f"{CHECKPOINT_MARKER} is unreadable"
+    for name, size in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)"
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or not valid JSON"
+    if state.get("global_step") != _checkpoint_step(folder):
+        return f"trainer_state.json is for step {state.get('global_step')}"
+    return None
+
+
+def find_checkpoint(checkpoints_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint or None, [(each newer checkpoint skipped, why), newest first])."""
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
-        return None
-    complete = []
-    for path in folder.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            complete.append((int(suffix), path))
-    return max(complete)[1] if complete else None
+        return None, []
+    candidates = sorted(((step, path) for path in folder.glob("checkpoint-*")
+                         if path.is_dir() and (step := _checkpoint_step(path)) is not None), reverse=True)
+    skipped = []
+    for _, path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` folder (see ``checkpoint_problem``), so a checkpoint cut short
+    by a disconnect or corrupted later is skipped rather than breaking the resume."""
+    return find_checkpoint(checkpoints_dir)[0]
+
+
+def mark_checkpoint_complete(checkpoint: str | os.PathLike) -> Path:
+    """Write the completion marker of a saved checkpoint: each of its files with its size, atomically, last."""
+    folder = Path(checkpoint)
+    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != CHECKPOINT_MARKER and not path.name.endswith(".tmp")}
+    return runtime.write_atomic(folder / CHECKPOINT_MARKER, json.dumps(
+        {"step": _checkpoint_step(folder), "files": files, "written": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+
+
+def _rotate_checkpoints(checkpoints_dir: Path, keep: int | None) -> None:
+    # Done here, after the newest checkpoint is marked complete (the trainer's own rotation runs before): a kill
+    # in between never leaves fewer than `keep` complete checkpoints.
+    if keep is None:
+        return
+    complete = sorted((step, path) for path in checkpoints_dir.glob("checkpoint-*")
+                      if (step := _checkpoint_step(path)) is not None and checkpoint_problem(path) is None)
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _set_aside(skipped: Sequence[tuple[Path, str]]) -> None:
+    """Rename incomplete checkpoints newer than the resume point (``checkpoint-N.incomplete``): the resumed run
+    saves ``checkpoint-N`` again and must not write into a folder holding a stale marker or files."""
+    for path, _ in skipped:
+        target = path.with_name(f"{path.name}.incomplete")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        path.rename(target)
+
+
+def _rng_snapshot() -> dict[str, Any]:
+    """The random states a checkpoint saves (python, numpy, torch CPU and CUDA), as at the end of a step."""
+    import random
+
+    import numpy as np
+    import torch
+
+    snapshot: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                                "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        snapshot["cuda"] = torch.cuda.random.get_rng_state_all()
+    return snapshot
+
+
+def _restore_rng(snapshot: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(snapshot["python"])
+    np.random.set_state(snapshot["numpy"])
+    torch.random.set_rng_state(snapshot["cpu"])
+    if "cuda" in snapshot:
+        torch.cuda.random.set_rng_state_all(snapshot["cuda"])
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _check_same_run(output_dir: Path, config: TrainConfig) -> None:
-    saved_path = output_dir / "run_config.json"
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text(encoding="utf-8")).get("config", {})
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _check_same_run(output_dir: Path, config: TrainConfig, saved: dict[str, Any]) -> None:
+    """Every RUN_IDENTITY field must equal the saved run's: resuming with another value would mix two runs."""
     current = _jsonable(dataclasses.asdict(config))
-    different = [name for name in _RUN_IDENTITY if name in saved and saved[name] != current[name]]
+    different = [name for name in RUN_IDENTITY if name in saved and saved[name] != current[name]]
     if different:
         details = ", ".join(f"{name}: saved {saved[name]!r} vs now {current[name]!r}" for name in different)
-        raise ValueError(f"{output_dir} holds a different run ({details}); choose another folder or delete it")
+        raise runtime.ConfigError(
+            f"{output_dir} holds a different run ({details}); resuming would mix two runs: keep the saved "
+            "value, or choose another folder (folder/output_dir)")
+
+
+def _finished_record(output_dir: Path) -> dict[str, Any] | None:
+    """The final record of a run whose adapter was saved (written last, after the adapter), else None."""
+    record = _read_json(output_dir / "adapter" / "run_config.json")
+    if record is None or not (output_dir / "adapter" / "adapter_config.json").is_file():
+        return None
+    return record
 
 
 def _write_json(path: Path, payload: Any) -> None:
     runtime.write_atomic(path, json.dumps(_jsonable(payload), indent=2))  # a disconnect never leaves half a file
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in data.iter_jsonl(path)] if path.is_file() else []
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    runtime.write_atomic(path, "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
+
+
+def _update_session(output_dir: Path, session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rewrite ``sessions.jsonl`` (atomically) with this session's entry in place; returns every session.
+
+    One line per training session: its number, start and end step, seconds of training and status
+    (``running`` while it trains, then ``finished`` or ``interrupted``; a session still ``running`` when the
+    next one starts was killed, its time counted up to its last finished step)."""
+    path = output_dir / "sessions.jsonl"
+    sessions = _read_jsonl(path)
+    numbers = [entry.get("session", index + 1) for index, entry in enumerate(sessions)]
+    if session["session"] in numbers:
+        sessions[numbers.index(session["session"])] = dict(session)
+    else:
+        sessions.append(dict(session))
+    _write_jsonl(path, sessions)
+    return sessions
+
+
+def _start_session(output_dir: Path, start_step: int) -> dict[str, Any]:
+    """A new ``sessions.jsonl`` entry; sessions left ``running`` by a killed process are marked ``killed``."""
+    path = output_dir / "sessions.jsonl"
+    sessions = _read_jsonl(path)
+    for entry in sessions:
+        if entry.get("status") == "running":
+            entry.update(status="killed", interrupted=True)
+    _write_jsonl(path, sessions)
+    return {"session": len(sessions) + 1, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": start_step,
+            "end_step": start_step, "seconds": 0.0, "status": "running", "interrupted": False}
+
+
+def _keep_batches_until(output_dir: Path, step: int) -> None:
+    """batches.jsonl keeps the steps up to the resume point; later ones were lost with the process and are
+    trained again, so each step appears once."""
+    path = output_dir / "batches.jsonl"
+    rows = _read_jsonl(path)
+    kept = [row for row in rows if row.get("step") is not None and row["step"] <= step]
+    if len(kept) != len(rows):
+        _write_jsonl(path, kept)
+
+
+def _mark_resumed_step(output_dir: Path, step: int, resumed_from: str) -> None:
+    """Mark the first step a resumed session trained in batches.jsonl (``resumed_from``: its checkpoint)."""
+    path = output_dir / "batches.jsonl"
+    rows = _read_jsonl(path)
+    for row in rows:
+        if row.get("step") == step:
+            row["resumed_from"] = resumed_from
+    _write_jsonl(path, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,7 +937,7 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,
-        "save_total_limit": config.save_total_limit,
+        "save_total_limit": None,  # rotated after the completion marker (RunKeeper), never before
         "report_to": [] if config.report_to == "none" else [config.report_to],
         # Unsloth checkpoints in its own way. No gradient_checkpointing_kwargs: TRL 0.22.2 re-enables
         # checkpointing with transformers' default (reentrant) after every generation anyway, and with that
@@ -750,25 +994,6 @@ def _setup_wandb(config: TrainConfig, output_dir: Path) -> str:
     return mode
 
 
-def _save_emergency_checkpoint(trainer, checkpoints_dir: Path) -> Path | None:
-    """On Ctrl-C: save a full checkpoint (adapter, optimizer, scheduler, RNG, state) at the last finished step."""
-    step = trainer.state.global_step
-    target = checkpoints_dir / f"checkpoint-{step}"
-    if step == 0 or (target / "trainer_state.json").is_file() or _distributed()[1] > 1:
-        return None  # nothing learned yet, already saved, or other processes cannot join the save
-    logged = [entry.get("step") for entry in trainer.state.log_history]
-    if step not in logged and trainer._metrics["train"]:
-        # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
-        trainer.log({})
-    # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
-    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
-    try:
-        trainer._save_checkpoint(trainer.model, trial=None)
-    finally:
-        trainer.args.save_total_limit = limit
-    return target
-
-
 def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, token: str | None = None) -> str:
     """Upload the adapter folder (weights, tokenizer, run_config.json) to a private Hub repository."""
     from huggingface_hub import HfApi
@@ -792,13 +1017,234 @@ def _import_wandb_early() -> None:
         pass
 
 
+def _save_emergency_checkpoint(trainer, checkpoints_dir: Path,
+                               snapshot: tuple[int, dict[str, Any], int] | None) -> Path | None:
+    """After an immediate stop (KeyboardInterrupt outside a step's end): save a full checkpoint (adapter,
+    optimizer, scheduler, RNG, state) at the last finished step, as the regular schedule would have saved it.
+
+    ``snapshot`` is that step's (step, random states, tokens seen) taken at its end: the unfinished step has
+    already drawn random numbers and counted its prompt and completion tokens, and a resumed run must continue
+    from the finished step's values to repeat the uninterrupted run."""
+    step = trainer.state.global_step
+    target = checkpoints_dir / f"checkpoint-{step}"
+    if step == 0 or checkpoint_problem(target) is None or _distributed()[1] > 1:
+        return None  # nothing learned yet, already saved, or other processes cannot join the save
+    if snapshot is not None and snapshot[0] == step:
+        _restore_rng(snapshot[1])
+        trainer.state.num_input_tokens_seen = snapshot[2]
+    logged = [entry.get("step") for entry in trainer.state.log_history]
+    if step not in logged and trainer._metrics["train"]:
+        # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
+        trainer.log({})
+    # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)
+    finally:
+        trainer.args.save_total_limit = limit
+    mark_checkpoint_complete(target)
+    return target
+
+
+def _run_keeper(output_dir: Path, session: dict[str, Any], save_total_limit: int | None,
+                resumed_from: Path | None):
+    """The trainer callback that keeps a run's records true while it trains (see RunKeeper)."""
+    from transformers import TrainerCallback
+
+    class RunKeeper(TrainerCallback):
+        """Records written as training goes, and SIGINT/SIGTERM turned into a checkpoint.
+
+        - Each checkpoint gets its completion marker once the trainer has saved it; old ones are rotated after.
+        - ``sessions.jsonl`` (every step) and ``log_history.json`` (every checkpoint, and at most every
+          ``LOG_WRITE_SECONDS``) are rewritten atomically, so a killed run keeps its time and its curves.
+        - The random states and token count at each step's end are kept for an emergency checkpoint.
+        - A stop signal that arrives between a step's optimizer update and the end of its logging and saving
+          (``critical``) lets the step finish, then the trainer saves it and stops; elsewhere (generation, most
+          of a step) it stops at once (``KeyboardInterrupt``) and ``train`` saves the last finished step.
+        """
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.signal: int | None = None
+            self.critical = False
+            self.saving = False
+            self.snapshot: tuple[int, dict[str, Any], int] | None = None
+            self.started = time.perf_counter()
+            self.logs_written = -math.inf
+
+        def request_stop(self, signum: int, frame: Any) -> None:
+            """Signal handler for SIGINT and SIGTERM (main thread, one process)."""
+            first = self.signal is None
+            self.signal = signum
+            if self.saving:
+                print(f"{signal.Signals(signum).name}: saving the checkpoint, then stopping", flush=True)
+                return
+            if first and self.critical:
+                print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping "
+                      "(send it again to stop at once)", flush=True)
+                return
+            raise KeyboardInterrupt
+
+        def seconds(self) -> float:
+            return round(time.perf_counter() - self.started, 2)
+
+        def write_logs(self, state: Any) -> None:
+            _write_json(output_dir / "log_history.json", state.log_history)
+            self.logs_written = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            state.compute_steps(args, state.max_steps)  # a resumed state keeps its old save/logging steps otherwise
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.critical = False
+            if self.signal is not None:  # came while the last step was logged or saved: it is complete, stop now
+                raise KeyboardInterrupt
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.critical = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.snapshot = (state.global_step, _rng_snapshot(), state.num_input_tokens_seen)
+            if self.signal is not None:
+                control.should_save = control.should_training_stop = True
+            if state.is_world_process_zero:
+                session.update(end_step=state.global_step, seconds=self.seconds())
+                _update_session(output_dir, session)
+                if resumed_from is not None and state.global_step == session["start_step"] + 1:
+                    _mark_resumed_step(output_dir, state.global_step, resumed_from.name)
+            return control
+
+        def on_log(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and time.perf_counter() - self.logs_written >= LOG_WRITE_SECONDS:
+                self.write_logs(state)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.trainer is not None:
+                self.trainer.accelerator.wait_for_everyone()  # every process has written its files
+            if state.is_world_process_zero:
+                self.write_logs(state)  # first: a complete checkpoint's steps are always in log_history.json
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                _rotate_checkpoints(Path(args.output_dir), save_total_limit)
+
+    return RunKeeper()
+
+
+def _catch_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Route SIGINT and SIGTERM to ``handler``; returns the previous handlers. Only the main thread of a
+    single-process run (several processes would have to agree on the step to stop at)."""
+    if threading.current_thread() is not threading.main_thread() or world_size() > 1:
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _end_session(output_dir: Path, session: dict[str, Any], keeper: Any, trainer: Any, status: str) -> None:
+    if trainer.accelerator.is_main_process:
+        session.update(end_step=trainer.state.global_step, seconds=keeper.seconds(), status=status,
+                       interrupted=status != "finished")
+        _update_session(output_dir, session)
+        keeper.write_logs(trainer.state)
+
+
+# Files of a checkpoint that only resuming needs; the rest (adapter, tokenizer) is what adapter/ holds.
+_TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                         CHECKPOINT_MARKER)
+
+
+def _before_new_adapter(output_dir: Path) -> None:
+    """A run trained further gets a new adapter: first its old final record goes (so a stop while the new adapter
+    is written leaves an unfinished run, not a finished one with a mixed adapter), and the old adapter's
+    evaluation moves to ``eval-step-<step>`` (it must not pass for the new adapter's)."""
+    record = _finished_record(output_dir)
+    if record is None:
+        return
+    if (output_dir / "eval").is_dir():
+        target = output_dir / f"eval-step-{record.get('global_step')}"
+        shutil.rmtree(target, ignore_errors=True)
+        (output_dir / "eval").rename(target)
+        print(f"The step-{record.get('global_step')} adapter's evaluation moved to {target}", flush=True)
+    (output_dir / "adapter" / "run_config.json").unlink()
+
+
+def _final_record(run: dict[str, Any], sessions: list[dict[str, Any]], global_step: int, max_steps: int,
+                  train_seconds: float, resumed_from: Path | None) -> dict[str, Any]:
+    """adapter/run_config.json: the run's settings, each session (settings and time) and the totals."""
+    progress = {entry.get("session"): entry for entry in sessions}
+    merged = [{**entry, **progress.get(entry.get("session"), {})} for entry in run.get("sessions", [])]
+    return {
+        **{key: value for key, value in run.items() if key != "sessions"},
+        "train_seconds": train_seconds, "train_seconds_total": sum(s.get("seconds", 0.0) for s in sessions),
+        "global_step": global_step, "max_steps": max_steps, "resumed_from": str(resumed_from) if resumed_from else None,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": runtime.library_versions(), "sessions": merged,
+    }
+
+
+def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainConfig) -> TrainResult:
+    """The run trained its last step but was stopped before saving the adapter: the last checkpoint holds the
+    trained adapter and tokenizer, so copy them into adapter/ (nothing is trained again)."""
+    adapter_dir = output_dir / "adapter"
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    run = _read_json(output_dir / "run_config.json") or {"config": dataclasses.asdict(config)}
+    result = TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
+                         log_history=state["log_history"], resumed_from=str(checkpoint),
+                         global_step=state["global_step"], backend=run.get("backend", "trl"), config=config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result  # the main process writes
+    _before_new_adapter(output_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in _TRAINING_STATE_FILES and not path.name.startswith("rng_state"):
+            shutil.copy2(path, adapter_dir / path.name)
+    _start_session(output_dir, state["global_step"])  # marks the killed session
+    sessions = _read_jsonl(output_dir / "sessions.jsonl")
+    _write_json(output_dir / "log_history.json", state["log_history"])
+    _write_json(adapter_dir / "run_config.json",
+                _final_record(run, sessions, state["global_step"], state["max_steps"], 0.0, checkpoint))
+    print(f"{checkpoint} is the run's last step: its adapter saved to {adapter_dir} (nothing trained again)",
+          flush=True)
+    return result
+
+
+def _reuse_finished(output_dir: Path, record: dict[str, Any], config: TrainConfig) -> TrainResult:
+    done = record["global_step"]
+    print(f"{output_dir} holds a finished run ({done} steps): re-using it (nothing trained, adapter unchanged). To "
+          f"train further, give max_steps > {done} (it continues from its last checkpoint); for a new run, choose "
+          "another folder.", flush=True)
+    history_file = output_dir / "log_history.json"
+    return TrainResult(output_dir=output_dir, adapter_dir=output_dir / "adapter", train_seconds=0.0,
+                       log_history=load_log_history(output_dir) if history_file.is_file() else [],
+                       resumed_from=None, global_step=done, backend=record.get("backend", "trl"), config=config,
+                       reused=True)
+
+
+def _session_changes(previous: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
+    """The settings allowed to change on resume (RESUME_MAY_CHANGE, max_steps) that this session changes."""
+    now = _jsonable(dataclasses.asdict(config))
+    return {name: [previous[name], now[name]] for name in (*RESUME_MAY_CHANGE, "max_steps")
+            if name in previous and previous[name] != now[name]}
+
+
+def _planned_dir(config: TrainConfig) -> Path | None:
+    # Where run_output_dir will write, without creating it (None on Drive, which must be mounted first).
+    if config.output_dir:
+        return Path(config.output_dir).expanduser()
+    return None if config.save_to_drive else Path("outputs") / config.resolved_folder()
+
+
 def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Build and run one GRPO training run; returns where everything was saved.
 
-    Resumes from the newest complete checkpoint in ``<output_dir>/checkpoints`` (same data order: the
-    sampler is seeded and the trainer skips the batches already seen). On Ctrl-C an emergency checkpoint is
-    saved and the interrupt re-raised; checkpoints already written are never removed by an interruption.
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
+    A folder holds one run. Running again resumes it from the newest complete checkpoint in
+    ``<output_dir>/checkpoints`` (same data order: the sampler is seeded and the trainer skips the batches
+    already seen); a finished run is re-used as it is (``TrainResult.reused``) unless ``max_steps`` asks for
+    more steps. A setting of RUN_IDENTITY that differs from the saved run's is a ``runtime.ConfigError``, as is
+    every other configuration problem found before the model loads (then no folder is left behind).
+
+    SIGINT (Ctrl-C) and SIGTERM save a checkpoint first: at the end of the step when the signal comes while a
+    step is being completed, else (and on a second signal) an emergency checkpoint of the last finished step.
+    Then SIGINT raises ``KeyboardInterrupt`` and SIGTERM ends the process as it would have. Checkpoints already
+    written are never removed by an interruption. ``callbacks`` are extra ``transformers.TrainerCallback``
+    objects.
     """
     original = config
     config = resolve_config(config)
@@ -806,14 +1252,66 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
         print(f"Smoke mode ({'no CUDA GPU' if not runtime.has_cuda() else 'requested'}): tiny random Qwen2, "
               f"{config.train_size} questions, {config.max_steps} GRPO steps, {config.max_completion_length}-token "
               f"completions, backend trl — not a real training run.", flush=True)
+        replaced = smoke_overrides(original)
+        if replaced:
+            print("Smoke mode replaced: " + ", ".join(f"{name} {given!r} -> {value!r}"
+                                                      for name, (given, value) in replaced.items()), flush=True)
     check_config(config)  # before anything heavy: a bad configuration fails in seconds
+    planned = _planned_dir(config)
+    created = [] if planned is None else [p for p in (planned, *planned.parents) if not p.exists()]
+    try:
+        return _train(config, callbacks)
+    except BaseException:
+        for path in created:  # a run that failed before writing anything leaves no folder behind
+            try:
+                path.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     output_dir = run_output_dir(config)
     checkpoints_dir = output_dir / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints_dir) if config.resume else None
-    if not config.resume and latest_checkpoint(checkpoints_dir) is not None:
-        raise ValueError(f"{checkpoints_dir} already holds checkpoints and resume=False; "
-                         "choose another folder, delete them, or resume")
-    _check_same_run(output_dir, config)
+    saved_run = _read_json(output_dir / "run_config.json") or {}
+    saved = saved_run.get("config") or {}
+    _check_same_run(output_dir, config, saved)
+    if config.resume and config.max_steps is None and saved.get("max_steps") is not None:
+        config = dataclasses.replace(config, max_steps=saved["max_steps"])  # the run's plan, unless asked for more
+    record = _finished_record(output_dir)
+    resume_from, skipped = find_checkpoint(checkpoints_dir)
+    if not config.resume and (record is not None or resume_from is not None or skipped):
+        raise runtime.ConfigError(f"{output_dir} already holds a run and resume=False; choose another folder, "
+                                  "delete it, or resume")
+    start_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    target = config.max_steps
+    if record is not None:
+        done = record["global_step"]
+        target = config.max_steps if config.max_steps is not None else record.get("max_steps", done)
+        if target < done:
+            raise runtime.ConfigError(f"{output_dir} holds a run finished at step {done}: max_steps={target} "
+                                      "cannot shorten it; choose another folder for a shorter run")
+        if target == done:
+            return _reuse_finished(output_dir, record, config)
+        if resume_from is None:
+            raise runtime.ConfigError(f"{output_dir} holds a run finished at step {done} but no complete checkpoint "
+                                      "to train it further from; choose another folder")
+        print(f"{output_dir} holds a run finished at step {done}: training it further to step {target}.", flush=True)
+    elif resume_from is not None:
+        planned = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        target = config.max_steps if config.max_steps is not None else planned
+    if resume_from is not None and target is not None:
+        if start_step > target:
+            raise runtime.ConfigError(f"{resume_from} is already past max_steps={target}: give max_steps >= "
+                                      f"{start_step}, or choose another folder")
+        if start_step == target:  # trained to the end, stopped before the adapter was saved
+            return _finish_from_checkpoint(output_dir, resume_from, config)
+    for path, problem in skipped:
+        print(f"Warning: skipping {path}: {problem}", file=sys.stderr, flush=True)
+    changes = _session_changes(saved, config)
+    if changes:
+        print("Resuming with changed settings: " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                             for name, (old, new) in changes.items()), flush=True)
 
     _import_wandb_early()
     backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
@@ -821,19 +1319,30 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     rank = int(os.environ.get("RANK", "0"))
     if config.backend == "auto" and backend == "trl" and rank == 0:
         print(f"Backend: trl ({reason})", flush=True)
-    if config.report_to == "wandb":
-        mode = _setup_wandb(config, output_dir)
-        if rank == 0:
-            print(f"Weights & Biases: {mode}" + ("" if mode == "online" else
-                  f" (sync later: wandb sync {output_dir}/wandb/offline-run-*)"), flush=True)
 
     import torch  # noqa: F401  (after unsloth)
+    from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = runtime.load_tokenizer(config.tokenizer, config.model)
     dataset = data.training_dataset(tokenizer, config.gsm8k_dir, size=config.train_size,
                                     max_steps=config.max_steps_in_question, seed=config.seed,
                                     budget=config.budget, budget_in_prompt=config.budget_in_prompt)
+    per_step = config.per_device_train_batch_size * config.steps_per_generation * world_size() // config.num_generations
+    if len(dataset) < per_step:
+        raise runtime.ConfigError(
+            f"the training set has {len(dataset)} question(s) (train_size={config.train_size}, "
+            f"max_steps_in_question={config.max_steps_in_question}, gsm8k_dir={config.gsm8k_dir!r}) but one step "
+            f"needs {per_step}: nothing to train")
+
+    # Everything is checked: from here on the run writes into its folder.
+    if rank == 0:
+        _set_aside(skipped)
+    if config.report_to == "wandb":
+        mode = _setup_wandb(config, output_dir)
+        if rank == 0:
+            print(f"Weights & Biases: {mode}" + ("" if mode == "online" else
+                  f" (sync later: wandb sync {output_dir}/wandb/offline-run-*)"), flush=True)
     use_vllm = backend == "unsloth" or (_vllm_available() and config.model != runtime.TINY_MODEL)
     peft_config = None
     if backend == "unsloth":
@@ -852,47 +1361,76 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     reward_funcs = monitor.wrap(rewards.reward_functions(config.method, **reward_params(config)))
     args = GRPOConfig(**grpo_arguments(config, checkpoints_dir, backend, precision, use_vllm,
                                        run_name=config.resolved_folder()))
+    session = _start_session(output_dir, start_step) if rank == 0 else {"session": 0, "start_step": start_step}
+    keeper = _run_keeper(output_dir, session, config.save_total_limit, resume_from)
+    # PEFT draws the LoRA weights inside GRPOTrainer(), before the trainer seeds anything: seed here, so that the
+    # same seed gives the same adapter (and, on the CPU, the same run).
+    set_seed(config.seed)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                           processing_class=trainer_tokenizer, peft_config=peft_config,
-                          callbacks=list(callbacks or []))
+                          callbacks=[keeper, *(callbacks or [])])
     monitor.attach(trainer)
+    keeper.trainer = trainer
 
+    run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "precision": precision,
+           "num_processes": world_size(), "use_vllm": use_vllm}
     if rank == 0:
-        _write_json(output_dir / "run_config.json", {"config": dataclasses.asdict(config), "backend": backend,
-                                                     "precision": precision, "num_processes": world_size()})
+        last = (saved_run.get("sessions") or [{}])[-1]
+        for key in ("backend", "precision"):
+            if last.get(key) not in (None, run[key]):
+                print(f"Warning: this session trains with {key} {run[key]!r}, the previous one with {last[key]!r}",
+                      file=sys.stderr, flush=True)
+        _keep_batches_until(output_dir, start_step)
+        sessions = [*(saved_run.get("sessions") or []), {
+            "session": session["session"], "started": session["started"], "start_step": start_step,
+            "resumed_from": str(resume_from) if resume_from else None, "changed": changes,
+            **{key: run[key] for key in ("backend", "backend_reason", "precision", "num_processes", "use_vllm")},
+            "versions": runtime.library_versions()}]
+        run["sessions"] = sessions
+        _write_json(output_dir / "run_config.json", run)
+        _update_session(output_dir, session)
         if resume_from is not None:
             print(f"Resuming from {resume_from}", flush=True)
-    start = time.perf_counter()
+    previous_handlers = _catch_stop_signals(keeper.request_stop)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        saved = _save_emergency_checkpoint(trainer, checkpoints_dir)
-        print(f"Interrupted at step {trainer.state.global_step}: "
-              + (f"emergency checkpoint {saved}" if saved else "checkpoints kept") + f" in {checkpoints_dir}; "
-              "run again to resume.", flush=True)
-        _append_session(output_dir, trainer, time.perf_counter() - start, interrupted=True)
-        raise
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            keeper.saving = True  # a further signal must not cut the emergency save short
+            saved_checkpoint = _save_emergency_checkpoint(trainer, checkpoints_dir, keeper.snapshot)
+            _end_session(output_dir, session, keeper, trainer, "interrupted")
+            print(f"Interrupted at step {trainer.state.global_step}: "
+                  + (f"emergency checkpoint {saved_checkpoint}" if saved_checkpoint else "checkpoints kept")
+                  + f" in {checkpoints_dir}; run again to resume.", flush=True)
+            raise
+        keeper.critical = True  # from here a stop signal waits until the adapter and the records are saved
+        if keeper.signal is not None and trainer.state.global_step < trainer.state.max_steps:
+            _end_session(output_dir, session, keeper, trainer, "interrupted")
+            print(f"Stopped at step {trainer.state.global_step}: checkpoint {checkpoints_dir}/checkpoint-"
+                  f"{trainer.state.global_step}; run again to resume.", flush=True)
+            raise KeyboardInterrupt
+        train_seconds = keeper.seconds()
+        adapter_dir = output_dir / "adapter"
+        if trainer.accelerator.is_main_process:
+            _before_new_adapter(output_dir)
+        trainer.save_model(str(adapter_dir))  # adapter weights + config (main process only)
+        if trainer.accelerator.is_main_process:
+            trainer_tokenizer.save_pretrained(str(adapter_dir))
+            _end_session(output_dir, session, keeper, trainer, "finished")
+            _write_json(adapter_dir / "run_config.json",  # written last: it marks the run finished
+                        _final_record(run, _read_jsonl(output_dir / "sessions.jsonl"), trainer.state.global_step,
+                                      trainer.state.max_steps, train_seconds, resume_from))
+            if config.push_to_hub:
+                print(f"Pushed to {push_adapter(adapter_dir, config.hub_repo)}", flush=True)
+        trainer.accelerator.wait_for_everyone()
     finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         _finish_wandb(config)
-    train_seconds = time.perf_counter() - start
-
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter weights + config (main process only)
-    if trainer.accelerator.is_main_process:
-        trainer_tokenizer.save_pretrained(str(adapter_dir))
-        sessions = _append_session(output_dir, trainer, train_seconds, interrupted=False)
-        record = {
-            "config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason,
-            "precision": precision, "num_processes": world_size(), "use_vllm": use_vllm,
-            "train_seconds": train_seconds, "train_seconds_total": sum(s["seconds"] for s in sessions),
-            "global_step": trainer.state.global_step, "resumed_from": str(resume_from) if resume_from else None,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": runtime.library_versions(),
-        }
-        _write_json(adapter_dir / "run_config.json", record)
-        _write_json(output_dir / "log_history.json", trainer.state.log_history)
-        if config.push_to_hub:
-            print(f"Pushed to {push_adapter(adapter_dir, config.hub_repo)}", flush=True)
-    trainer.accelerator.wait_for_everyone()
+        if keeper.signal == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # everything is saved: end as SIGTERM would have
+    if keeper.signal is not None:
+        raise KeyboardInterrupt  # the run finished and was saved while a stop was asked for
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=train_seconds,
                        log_history=list(trainer.state.log_history),
                        resumed_from=str(resume_from) if resume_from else None,
@@ -908,18 +1446,6 @@ def _finish_wandb(config: TrainConfig) -> None:
 
     if wandb.run is not None:
         wandb.finish()
-
-
-def _append_session(output_dir: Path, trainer, seconds: float, interrupted: bool) -> list[dict[str, Any]]:
-    """Record this session's training time (sessions.jsonl) and return all sessions so far."""
-    path = output_dir / "sessions.jsonl"
-    if _distributed()[0] == 0:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"end_step": trainer.state.global_step, "seconds": round(seconds, 2),
-                                     "interrupted": interrupted}) + "\n")
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1031,6 +1557,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="test questions to evaluate (default: all; smoke: 8)")
     parser.add_argument("--eval-backend", default="auto", help="evaluation backend (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a configuration error (default: one line)")
     return parser
 
 
@@ -1113,13 +1641,15 @@ def evaluate_saved_run(method: str, adapter: str | None = None, save_to_drive: b
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """``python training.py [options]``: train, then evaluate the adapter (main process only)."""
     namespace = build_parser().parse_args(argv)
-    config = config_from_args(namespace)
-    result = train(config)
-    if _distributed()[0] == 0:
-        plot_training_curves(result.output_dir)
-        print(f"Adapter: {result.adapter_dir}  ({result.train_seconds:.0f} s, {result.global_step} steps)", flush=True)
-        if namespace.run_eval:
-            evaluate_adapter(result, limit=namespace.eval_limit, backend=namespace.eval_backend)
+    with runtime.one_line_errors(namespace.debug, prog="training.py"):
+        config = config_from_args(namespace)
+        result = train(config)
+        if _distributed()[0] == 0:
+            plot_training_curves(result.output_dir)
+            done = "re-used" if result.reused else f"{result.train_seconds:.0f} s"
+            print(f"Adapter: {result.adapter_dir}  ({done}, {result.global_step} steps)", flush=True)
+            if namespace.run_eval:  # a re-used run's saved results are reported, not computed again
+                evaluate_adapter(result, limit=namespace.eval_limit, backend=namespace.eval_backend)
     return result
 
 
