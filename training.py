@@ -246,16 +246,11 @@ def world_size() -> int:
 
 
 def reward_params(config: TrainConfig) -> dict[str, Any]:
-    """The keyword parameters for ``rewards.reward_functions``: ``lam`` and the generation limit
-    (``max_completion_length``) for the methods that take them, then ``config.reward_params``."""
-    settings = rewards.method_parameters(config.method)  # raises for an unknown method
-    params: dict[str, Any] = {}
-    if "lam" in settings:
-        params["lam"] = config.lam
-    if "max_completion_length" in settings:  # e.g. DAPO's overlong penalty must use the real limit
-        params["max_completion_length"] = config.max_completion_length
-    params.update(config.reward_params)
-    return params
+    """The keyword parameters for ``rewards.reward_functions``, checked for name, type and range: ``lam`` and the
+    generation limit (``max_completion_length``) for the methods that take them, then ``config.reward_params``
+    (``rewards.effective_params``: a value given twice must agree, so the banner shows what trains)."""
+    return rewards.effective_params(config.method, config.reward_params, lam=config.lam,
+                                    max_completion_length=config.max_completion_length)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -343,17 +338,8 @@ def _check_reward_params(config: TrainConfig) -> None:
     TrainConfig field that sets it (``lam``, ``max_completion_length``): an error now, not after hours."""
     if config.method not in rewards.METHODS:
         raise runtime.ConfigError(f"unknown method {config.method!r}; choose one of {sorted(rewards.METHODS)}")
-    for name in ("lam", "max_completion_length"):
-        if name in config.reward_params and config.reward_params[name] != getattr(config, name):
-            raise runtime.ConfigError(
-                f"reward_params sets {name}={config.reward_params[name]!r} but the run's {name} is "
-                f"{getattr(config, name)!r}: set it with --{name.replace('_', '-')} (TrainConfig.{name}) only")
-    params = reward_params(config)
     try:
-        rewards.reward_functions(config.method, **params)
-        check_params = getattr(rewards, "check_params", None)  # type and range checks (rewards.py)
-        if check_params is not None:
-            check_params(config.method, params)
+        rewards.reward_functions(config.method, **reward_params(config))
     except runtime.ConfigError:
         raise
     except (ValueError, TypeError) as problem:

@@ -449,7 +449,7 @@ def test_config_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, monkey
     _one_line_error(capsys, [*base, "--model", "./models/qwen"], "model './models/qwen': no such local folder")
     _one_line_error(capsys, [*base, "--method", "group", "--lam", "-0.5"], "lam must be a number >= 0")
     _one_line_error(capsys, [*base, "--method", "group", "--reward-params", "lam=0.1"],
-                    "reward_params sets lam=0.1 but the run's lam is 0.5")
+                    "lam is set twice, lam=0.5 and reward_params lam=0.1")
     _one_line_error(capsys, [*base, "--method", "group", "--reward-params", "lamda=1"], "takes no parameter")
     _one_line_error(capsys, [*base, "--tokenizer", str(tmp_path / "tok")], "tokenizer", "no such local folder")
     _one_line_error(capsys, [*base, "--temperature", "0"], "temperature must be > 0")
