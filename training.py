@@ -380,11 +380,19 @@ class RewardMonitor:
         return reward
 
     def observe(self, totals: Sequence[float], completions: Sequence, completion_ids: Sequence,
-                answer: Sequence, question_length: Sequence[int], reference_length: Sequence[int],
-                question_id: Sequence | None = None, prompts: Sequence | None = None,
-                log_metric: Callable[[str, float], None] | None = None, trainer_state: Any = None,
-                **_: Any) -> dict[str, float]:
-        """Log the batch's metrics, print the live view, record the question order; returns the metrics."""
+                **batch: Any) -> dict[str, float]:
+        """Log the batch's metrics, print the live view, record the question order; returns the metrics.
+
+        ``batch`` is what TRL passes a reward function besides the completions: the dataset columns ``answer``,
+        ``question_length`` and ``reference_length`` (needed) and ``question_id``, and ``prompts``,
+        ``log_metric`` and ``trainer_state`` where TRL gives them."""
+        needed = ("answer", "question_length", "reference_length")
+        missing = [name for name in needed if name not in batch]
+        if missing:
+            raise ValueError(f"the reward batch lacks the dataset column(s) {missing} (data.training_dataset has them)")
+        answer, question_length, reference_length = (batch[name] for name in needed)
+        question_id, prompts = batch.get("question_id"), batch.get("prompts")
+        log_metric, trainer_state = batch.get("log_metric"), batch.get("trainer_state")
         keys = rewards.group_keys(len(completions), prompts, question_id)
         rank = runtime.rank()
         local = [{

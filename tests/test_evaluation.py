@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -394,7 +396,8 @@ def test_load_records_errors(tmp_path):
 
 
 def test_plot_length_histogram(tmp_path):
-    records = [{"index": i, "correct": i % 2 == 0, "length": 20 + 90 * i, "limit": 512} for i in range(6)]
+    # Questions with limits of their own (budgets): no single limit line.
+    records = [{"index": i, "correct": i % 2 == 0, "length": 20 + 90 * i, "limit": 512 - i} for i in range(6)]
     figure = evaluation.plot_length_histogram(records, tmp_path / "lengths.png")
     assert (tmp_path / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure.axes) == 1 and "lengths" in figure.axes[0].get_title().lower()
@@ -456,3 +459,56 @@ def test_without_a_gpu_evaluate_runs_the_smoke_preset(monkeypatch):
     assert (adapter.model, adapter.limit) == ("base", 3)
     monkeypatch.setenv("LENGTHRL_SMOKE", "0")
     assert evaluation.resolve_config(evaluation.EvalConfig()).model == runtime.MODEL_ID
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate_run and the command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_command_line_evaluates_a_run_folder_and_pairs_it_with_the_baseline(tmp_path, tokenizer, monkeypatch,
+                                                                            capsys):
+    """``python evaluation.py --adapter RUN_DIR``: the run's own model and token limit (its run_config.json),
+    results in RUN_DIR/eval, then the paired comparison with the baseline run beside it (here the same adapter,
+    so every question agrees)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LENGTHRL_SMOKE", "0")
+    outputs = tmp_path / "outputs"
+    save_lora(runtime.build_tiny_qwen2(tokenizer, seed=0), outputs / "Baseline" / "adapter")
+    shutil.copytree(outputs / "Baseline", outputs / "Group_method")
+    for folder, method in (("Baseline", "baseline"), ("Group_method", "group")):
+        config = {"method": method, "model": runtime.TINY_MODEL, "max_completion_length": 6}
+        (outputs / folder / "adapter" / "run_config.json").write_text(json.dumps({"config": config}))
+    baseline = evaluation.main(["--adapter", str(outputs / "Baseline"), "--limit", "3", "--no-progress"])
+    assert (baseline["model"], baseline["metrics"]["n"], baseline["generation"]["max_new_tokens"]) == (
+        runtime.TINY_MODEL, 3, 6)
+    assert Path(baseline["files"]["summary"]) == outputs / "Baseline" / "eval" / metrics.SUMMARY_FILE
+    assert "baseline_comparison" not in baseline
+    group = evaluation.main(["--adapter", str(outputs / "Group_method"), "--limit", "3", "--no-progress"])
+    comparison = group["baseline_comparison"]
+    assert (comparison["labels"], comparison["n"]) == (["baseline", "group"], 3)
+    assert comparison["mcnemar"] == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    assert comparison["length_diff"]["estimate"] == 0
+    printed = capsys.readouterr().out
+    assert "Accuracy:" in printed and "group vs baseline on 3 paired questions" in printed
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    nowhere = str(tmp_path / "nowhere")
+    for argv, message in ((["--budget", "tokens"], "unknown budget kind 'tokens'"),
+                          (["--backend", "fast"], "backend must be one of"),
+                          (["--adapter", nowhere], f"LoRA adapter folder {nowhere!r} does not exist")):
+        with pytest.raises(SystemExit) as stop:
+            evaluation.main(argv)
+        assert stop.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("evaluation.py: error: ") and message in error[0], error
+    with pytest.raises(evaluation.AdapterError):  # --debug: the exception itself, for the traceback
+        evaluation.main(["--adapter", str(tmp_path), "--debug"])
+    script = subprocess.run([sys.executable, str(Path(evaluation.__file__)), "--budget", "tokens"],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 2 and "Traceback" not in script.stderr
+    assert script.stderr.strip().splitlines() == [
+        "evaluation.py: error: unknown budget kind 'tokens'; choose one of ['steps', 'reference', 'question']"]
