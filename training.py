@@ -11,6 +11,10 @@ One builder serves the four training notebooks, the command line and multi-GPU r
     python training.py                                          # no GPU: the CPU smoke configuration
     accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group
 
+This module holds the run's configuration and its checks, the live view and ``RewardMonitor`` (the step's numbers
+are ``metrics.batch_metrics``), checkpoint records, the backends, the ``train`` flow, the curves and the CLI; the
+evaluation after training is ``evaluation.evaluate_run``.
+
 A method is one entry of ``rewards.METHODS``: ``lam`` reaches the method's length rewards and
 ``reward_params`` reaches any other keyword a reward function takes (e.g. a literature method's own
 parameter); a parameter that no function of the method takes is an error.

@@ -65,6 +65,13 @@ def test_every_module_has_a_layer_and_the_notebooks_know_them():
     assert make_notebooks.SHARED_MODULES == LAYERS
 
 
+def test_readme_layout_table_lists_the_layers_in_order():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Library layout"):].split("\n\n")[2]
+    listed = [line.split("`")[1].removesuffix(".py") for line in table.splitlines() if line.startswith("| `")]
+    assert listed == [*LAYERS, *sorted(TOOLS)]
+
+
 def test_function_level_imports_count():
     graph = import_graph()
     # evaluation imports budgets only inside functions; the reader must see it (notebooks embed by this graph).
