@@ -64,75 +64,6 @@ def default_precision() -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def torch_dtype(precision: str | None = None) -> Any:
-    """The torch dtype of ``"bf16"``/``"fp16"``/``"fp32"`` (or ``"bfloat16"``/``"float16"``/``"float32"``);
-    None or ``"auto"``: ``default_precision()``."""
-    import torch
-
-    if precision in (None, "auto"):
-        precision = default_precision()
-    name = _PRECISIONS.get(precision, precision)
-    if name not in _PRECISIONS.values():
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {[*_PRECISIONS, *_PRECISIONS.values()]}")
-    return getattr(torch, name)
-
-
-def device_name() -> str:
-    """The GPU's name, else the CPU's with its core count (for run records and benchmarks)."""
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def git_commit() -> str | None:
-    """The repository's commit (40 hex digits), None outside a git checkout (e.g. a notebook's copy)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_DIR, capture_output=True, text=True,
-                                timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
-
-
-def _process_group() -> Any:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return None
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank() -> int:
-    """This process's rank: torch.distributed's once it is initialised, else ``$RANK`` (set by ``accelerate
-    launch``/``torchrun`` before it is), 0 for a single process."""
-    group = _process_group()
-    return group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """Number of processes of this launch, read like ``rank`` (``$WORLD_SIZE`` before torch.distributed starts)."""
-    group = _process_group()
-    return group.get_world_size() if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def import_wandb_early() -> None:
-    """Import wandb (when installed) before torch and transformers: TRL imports it anyway, and wandb's pydantic
-    models look up their source module (``inspect.getmodule`` scans ``sys.modules``) at import, so importing it
-    first is ~3x faster (44 s -> 16 s for ``from trl import GRPOTrainer`` on a 2-core machine)."""
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-
-
 def in_colab() -> bool:
     return "google.colab" in sys.modules
 
@@ -254,6 +185,75 @@ def build_tiny_qwen2(tokenizer, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(precision: str | None = None) -> Any:
+    """The torch dtype of ``"bf16"``/``"fp16"``/``"fp32"`` (or ``"bfloat16"``/``"float16"``/``"float32"``);
+    None or ``"auto"``: ``default_precision()``."""
+    import torch
+
+    if precision in (None, "auto"):
+        precision = default_precision()
+    name = _PRECISIONS.get(precision, precision)
+    if name not in _PRECISIONS.values():
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {[*_PRECISIONS, *_PRECISIONS.values()]}")
+    return getattr(torch, name)
+
+
+def device_name() -> str:
+    """The GPU's name, else the CPU's with its core count (for run records and benchmarks)."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    """The repository's commit (40 hex digits), None outside a git checkout (e.g. a notebook's copy)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_DIR, capture_output=True, text=True,
+                                timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def _process_group() -> Any:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    """This process's rank: torch.distributed's once it is initialised, else ``$RANK`` (set by ``accelerate
+    launch``/``torchrun`` before it is), 0 for a single process."""
+    group = _process_group()
+    return group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes of this launch, read like ``rank`` (``$WORLD_SIZE`` before torch.distributed starts)."""
+    group = _process_group()
+    return group.get_world_size() if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def import_wandb_early() -> None:
+    """Import wandb (when installed) before torch and transformers: TRL imports it anyway, and wandb's pydantic
+    models look up their source module (``inspect.getmodule`` scans ``sys.modules``) at import, so importing it
+    first is ~3x faster (44 s -> 16 s for ``from trl import GRPOTrainer`` on a 2-core machine)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
 
 
 def get_secret(name: str) -> str | None:

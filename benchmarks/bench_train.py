@@ -172,7 +172,7 @@ def dist(args, parser_args) -> None:
     config = training.config_from_args(parser_args)
     timer = step_timer()
     result = training.train(config, callbacks=[timer])
-    mine = {"rank": int(os.environ.get("RANK", "0")), "step_seconds": [round(s, 2) for s in timer.seconds],
+    mine = {"rank": runtime.rank(), "step_seconds": [round(s, 2) for s in timer.seconds],
             "peak_allocated_gib": round(timer.peak_allocated / GIB, 2),
             "peak_reserved_gib": round(timer.peak_reserved / GIB, 2)}
     everyone = [None] * torch_dist.get_world_size() if torch_dist.is_initialized() else [mine]
