@@ -70,8 +70,6 @@ import runtime
 BACKENDS = ("auto", "unsloth", "trl")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# A completion "reached the limit" when it ended within this many tokens of max_completion_length.
-OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
 # Fields that define a run: resuming a folder whose saved run differs in one of them is an error.
 _RUN_IDENTITY = ("method", "lam", "reward_params", "budget", "budget_in_prompt", "model", "num_generations",
                  "per_device_train_batch_size", "steps_per_generation", "max_completion_length", "train_size",
