@@ -65,20 +65,13 @@ def trimmed_max(values: Iterable[float], fraction: float = TRIM_FRACTION) -> flo
     return ordered[len(ordered) - 1 - dropped]
 
 
-def _resolve_tokenizer(tokenizer: Any):
-    """A tokenizer object as given; None -> the default; a path -> loaded from there."""
-    if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
-        return runtime.load_tokenizer(tokenizer)
-    return tokenizer
-
-
 def token_length_table(tokenizer: Any = None, gsm8k_dir: str | os.PathLike | None = None,
                        split: str = "train") -> dict[str, list[int]]:
     """Per-question columns ``steps``, ``question_length`` and ``reference_length`` (answer tokens).
 
     Tokenizes once; ``statistics_from_table`` and ``plot_histograms`` both work from this table.
     """
-    dataset = data.add_length_columns(data.load_gsm8k(split, gsm8k_dir), _resolve_tokenizer(tokenizer))
+    dataset = data.add_length_columns(data.load_gsm8k(split, gsm8k_dir), runtime.resolve_tokenizer(tokenizer))
     return {column: list(dataset[column]) for column in ("steps", "question_length", "reference_length")}
 
 

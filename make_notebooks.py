@@ -5,8 +5,9 @@
 
 Each notebook is self-contained for Colab: its first cell installs the pinned packages (on Colab only, before
 anything imports torch), then one collapsed ``%%writefile`` cell per shared module it needs, so ``import
-rewards`` works in a fresh runtime while the code keeps a single source in this repository. The remaining
-cells are configuration (Colab form fields), calls and narrative.
+rewards`` works in a fresh runtime while the code keeps a single source in this repository. The modules it needs
+are found, not declared: those its own cells import, and everything they import in turn (``modules_needed``,
+imports inside functions included). The remaining cells are configuration (Colab form fields), calls and narrative.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-SHARED_MODULES = ("runtime", "decoding", "rewards", "data", "analysis", "budgets", "evaluation", "training", "results")
+# The project's modules, lowest layer first (tests/test_architecture.py checks that no module imports a later one);
+# decoding.py is optional until it exists.
+SHARED_MODULES = ("runtime", "rewards", "data", "analysis", "budgets", "metrics", "decoding", "evaluation", "training",
+                  "results")
 # Installed on Colab by the notebooks that only tokenize and plot (no torch needed).
 LIGHT_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "datasets")
 
@@ -56,15 +60,22 @@ def module_source(name: str) -> str:
     return (REPO / f"{name}.py").read_text(encoding="utf-8")
 
 
-def module_imports(name: str) -> set[str]:
-    """Shared modules that ``name`` imports anywhere (top level or inside functions)."""
+def imported_modules(source: str) -> set[str]:
+    """Shared modules that Python ``source`` imports anywhere (top level or inside functions). Notebook magics
+    (``%...``, ``!...``) are skipped."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(module_source(name))):
+    for node in ast.walk(ast.parse("\n".join(lines))):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
     return found & set(SHARED_MODULES)
+
+
+def module_imports(name: str) -> set[str]:
+    """Shared modules that ``name`` imports anywhere (top level or inside functions)."""
+    return imported_modules(module_source(name))
 
 
 def modules_needed(entry_points: tuple[str, ...]) -> list[str]:
@@ -195,6 +206,15 @@ if "google.colab" in sys.modules:
 ''', form=True)
 
 
+def cells_imports(cells: list[dict]) -> tuple[str, ...]:
+    """Shared modules the code cells import (the notebook's entry points), in ``SHARED_MODULES`` order."""
+    found: set[str] = set()
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            found |= imported_modules("".join(cell["source"]))
+    return tuple(name for name in SHARED_MODULES if name in found)
+
+
 def module_cells(entry_points: tuple[str, ...]) -> list[dict]:
     names = modules_needed(entry_points)
     cells = [markdown(
@@ -217,12 +237,19 @@ class Notebook:
     title: str
     intro: str
     install: str  # "full" | "light"
-    entry_points: tuple[str, ...]
     body: list[dict] = field(default_factory=list)
+
+    def entry_points(self) -> tuple[str, ...]:
+        """The shared modules the notebook's own cells import."""
+        return cells_imports(self.body)
+
+    def modules(self) -> list[str]:
+        """Every shared module the notebook embeds: its entry points and all they import."""
+        return modules_needed(self.entry_points())
 
     def cells(self) -> list[dict]:
         return [markdown(f"# {self.title}\n\n{self.intro.strip()}"), install_cell(self.install),
-                *module_cells(self.entry_points), *self.body]
+                *module_cells(self.entry_points()), *self.body]
 
 
 SMOKE_NOTE = (
@@ -255,7 +282,7 @@ stats = analysis.run_analysis(gsm8k_dir=GSM8K_DIR or None, tokenizer=TOKENIZER o
     ]
     return Notebook("Data_analysis.ipynb", "GSM8K data analysis",
                     "Reproduces the study's token-length statistics of GSM8K (train split, 7473 questions).",
-                    "light", ("analysis",), body)
+                    "light", body)
 
 
 # The study's four runs: folder, method, title and what the method adds.
@@ -340,7 +367,7 @@ result = training.train(config)
         code("import evaluation\n\nruntime.show(evaluation.plot_length_histogram(summary))"),
     ]
     intro = f"{about}\n\nOne of the study's four GRPO runs; `Eval_{folder}_GRPO.ipynb` re-evaluates the saved adapter."
-    return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", ("training",), body)
+    return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", body)
 
 
 def eval_notebook(folder: str, method: str, title: str, about: str) -> Notebook:
@@ -364,10 +391,10 @@ REDO = False  # @param {{type:"boolean"}}
                  "efficiency and per-step buckets; then the paired comparison with the baseline when its results "
                  "are present."),
         code('''
-import training
+import evaluation
 
-summary = training.evaluate_saved_run(METHOD, adapter=ADAPTER or None, save_to_drive=SAVE_TO_DRIVE,
-                                      limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
+summary = evaluation.evaluate_run(ADAPTER or None, method=METHOD, save_to_drive=SAVE_TO_DRIVE,
+                                  limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
 '''),
         markdown("## Response lengths\nThis run's lengths, correct and incorrect answers stacked, then overlaid on "
                  "the baseline's when its results are present. Saved as `length_histogram.png` and "
@@ -381,8 +408,7 @@ runtime.show(evaluation.plot_against_baseline(summary))
 """),
     ]
     intro = f"Re-evaluates the LoRA adapter saved by `{folder}_GRPO.ipynb` ({title}). {about}"
-    return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", ("training",),
-                    body)
+    return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", body)
 
 
 def initial_evaluation() -> Notebook:
@@ -417,7 +443,7 @@ evaluation.print_summary(summary)
     ]
     return Notebook("Initial_evaluation.ipynb", "Initial evaluation: the untrained model",
                     "Accuracy, format and length of Qwen2.5-0.5B-Instruct before any training, the study's "
-                    "starting point.", "full", ("evaluation",), body)
+                    "starting point.", "full", body)
 
 
 def results_notebook() -> Notebook:
@@ -446,7 +472,7 @@ report = results.report([path.strip() for path in RUNS.split(",") if path.strip(
     return Notebook("Results.ipynb", "Results: comparing the methods honestly",
                     "Loads the evaluation results of any number of runs and compares them, with confidence "
                     "intervals and paired tests, against the baseline and the study's published numbers.",
-                    "full", ("results",), body)
+                    "full", body)
 
 
 def notebooks() -> list[Notebook]:

@@ -4,8 +4,9 @@ A run is one evaluation of one model on the GSM8K test split: the ``eval_summary
 ``eval_results*.jsonl`` files that ``evaluation.py`` writes (in ``<run>/eval/``, ``<run>/adapter/`` or a folder
 of its own), plus what training left beside them: ``run_config.json`` (the method) and the training time
 (``adapter/run_config.json``'s ``train_seconds_total``, else ``sessions.jsonl``). Budgeted evaluations
-(``eval_summary_budget-<kind>-<mode>.json``) are runs of their own. Statistics come from ``evaluation.py``
-(Wilson intervals, paired bootstrap, McNemar); nothing is recomputed differently here.
+(``eval_summary_budget-<kind>-<mode>.json``) are runs of their own. Files and statistics come from ``metrics.py``
+(Wilson intervals, paired bootstrap, McNemar); nothing is recomputed differently here, and nothing here needs a
+model (this module does not import evaluation or training).
 
 Notebook::
 
@@ -15,11 +16,14 @@ Notebook::
     print(results.format_pairs(results.paired_against_baseline(runs)))
     runtime.show(results.plot_pareto(runs, "outputs/results/pareto.png"))
 
-or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``.
+or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``; from a shell:
+``python results.py RUN_DIR... [--out-dir outputs/results] [--no-include-study]``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import data
+import metrics
 import rewards
 import runtime
 
@@ -79,12 +84,10 @@ class Run:
 
 def _resolve(path: str | os.PathLike) -> Path:
     """A local path, or a Google Drive path (``MyDrive/...``, ``/content/drive/...``; mounted in Colab)."""
-    import evaluation
-
     text = str(path)
     try:
-        drive = evaluation._drive_path(text)
-    except evaluation.AdapterError:
+        drive = runtime.drive_path(text)
+    except runtime.ConfigError:
         raise FileNotFoundError(f"{text!r} is a Google Drive path, but this is not Colab: copy the run folders "
                                 "locally and pass that path") from None
     return drive if drive is not None else Path(text).expanduser()
@@ -131,14 +134,12 @@ def _training_record(folder: Path) -> tuple[str | None, float | None, dict[str, 
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """One run from its summary JSON, or from a folder holding ``eval_summary.json`` (or one budgeted summary).
 
-    The per-question file is the summary's sibling (``evaluation.result_paths``), so a run folder copied from
+    The per-question file is the summary's sibling (``metrics.result_paths``), so a run folder copied from
     Drive still loads. ``name`` defaults to the method (``"untrained"`` without an adapter), plus the budget.
     """
-    import evaluation
-
     path = _resolve(path)
     if path.is_dir():
-        plain = path / evaluation.SUMMARY_FILE
+        plain = path / metrics.SUMMARY_FILE
         found = [plain] if plain.is_file() else sorted(path.glob(_SUMMARY_GLOB))
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
@@ -147,13 +148,13 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation summary at {str(path)!r}")
-    summary = evaluation.load_summary(path)
+    summary = metrics.load_summary(path)
     if "metrics" not in summary:
-        raise ValueError(f"{path} is not an evaluation summary (it has no 'metrics')")
+        raise runtime.ConfigError(f"{path} is not an evaluation summary (it has no 'metrics')")
     generation = summary.get("generation") or {}
     budget, mode = generation.get("budget"), generation.get("budget_mode")
-    results_path = evaluation.result_paths(path.parent, budget, mode or "limit")[0]
-    records = evaluation.load_records(results_path if results_path.is_file() else path)
+    results_path = metrics.result_paths(path.parent, budget, mode or "limit")[0]
+    records = metrics.load_records(results_path if results_path.is_file() else path)
     method, seconds, config = _training_record(path.parent)
     if method is None and summary.get("adapter") is None:
         method = UNTRAINED
@@ -184,7 +185,7 @@ def find_runs(root_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
     if isinstance(root_or_paths, (str, os.PathLike)):
         root_or_paths = [root_or_paths]
     if root_or_paths is None or not (root_or_paths := list(root_or_paths)):
-        raise ValueError("find_runs needs a folder, a summary file, or a list of them")
+        raise runtime.ConfigError("find_runs needs a folder, a summary file, or a list of them")
     summaries: list[Path] = []
     for item in root_or_paths:
         path = _resolve(item)
@@ -228,11 +229,9 @@ def _run_row(run: Run) -> dict[str, Any]:
 
 def study_rows() -> list[dict[str, Any]]:
     """The study's published results as table rows (Wilson interval from the published count)."""
-    import evaluation
-
     rows = []
     for entry in STUDY_RESULTS:
-        low, high = evaluation.wilson_interval(entry["correct"], STUDY_TEST_QUESTIONS)
+        low, high = metrics.wilson_interval(entry["correct"], STUDY_TEST_QUESTIONS)
         rows.append({
             "name": f"study: {entry['name']}", "method": entry["method"], "source": STUDY_SOURCE, "budget": None,
             "budget_mode": None, "n": STUDY_TEST_QUESTIONS, "correct": entry["correct"],
@@ -260,10 +259,6 @@ def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
     import pandas as pd
 
     return pd.DataFrame(list(rows))
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -295,9 +290,10 @@ def _table_cells(row: Mapping[str, Any]) -> dict[str, str]:
     interval = (f"[{100 * row['accuracy_ci_low']:.2f}, {100 * row['accuracy_ci_high']:.2f}]"
                 if row.get("accuracy_ci_low") is not None else "")
     return {"Method": row["name"], "Source": row["source"], "n": str(row["n"]),
-            "Accuracy": _percent(row["accuracy"]), "95% CI": interval,
-            "Format": _percent(row["format_accuracy"]), "Mean length": _number(row["mean_length"]),
-            "Out-of-limit": _percent(row["out_of_limit_rate"]), "Efficiency": _number(row["efficiency"], 3),
+            "Accuracy": metrics.format_percent(row["accuracy"]), "95% CI": interval,
+            "Format": metrics.format_percent(row["format_accuracy"]), "Mean length": _number(row["mean_length"]),
+            "Out-of-limit": metrics.format_percent(row["out_of_limit_rate"]),
+            "Efficiency": _number(row["efficiency"], 3),
             "Training time": format_duration(row["train_seconds"])}
 
 
@@ -351,18 +347,16 @@ def _baseline_for(run: Run, baselines: Sequence[Run]) -> Run | None:
 
 def paired_against_baseline(runs: Sequence[Run], baseline: str | Run | None = None, n_boot: int | None = None,
                             seed: int = 0) -> list[dict[str, Any]]:
-    """``evaluation.compare_runs(baseline, run)`` for every other run (differences are run - baseline).
+    """``metrics.compare_runs(baseline, run)`` for every other run (differences are run - baseline).
 
     The baseline is ``baseline`` (a run or its name) or else the run of method ``"baseline"`` evaluated under
     the same budget, or else the unbudgeted one (so a budgeted baseline is compared with the unbudgeted
     baseline). Each result also has ``run`` and ``baseline`` (names). Empty when there is no baseline run.
     """
-    import evaluation
-
     if isinstance(baseline, str):
         chosen = [r for r in runs if r.name == baseline]
         if not chosen:
-            raise ValueError(f"no run named {baseline!r}; runs: {[r.name for r in runs]}")
+            raise runtime.ConfigError(f"no run named {baseline!r}; runs: {[r.name for r in runs]}")
         baselines = chosen
     elif isinstance(baseline, Run):
         baselines = [baseline]
@@ -373,9 +367,8 @@ def paired_against_baseline(runs: Sequence[Run], baseline: str | Run | None = No
         reference = baselines[0] if baseline is not None else _baseline_for(run, baselines)
         if reference is None or run is reference or run.summary_path == reference.summary_path:
             continue
-        comparison = evaluation.compare_runs(reference.records, run.records, seed=seed,
-                                             n_boot=n_boot or evaluation.DEFAULT_N_BOOT,
-                                             labels=(reference.name, run.name))
+        comparison = metrics.compare_runs(reference.records, run.records, seed=seed,
+                                          n_boot=n_boot or metrics.DEFAULT_N_BOOT, labels=(reference.name, run.name))
         results.append({"run": run.name, "baseline": reference.name, **comparison})
     return results
 
@@ -553,3 +546,41 @@ def report(root_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
     for figure in figures.values():
         runtime.show(figure)
     return {"runs": runs, "rows": rows, "pairs": pairs, "figures": figures}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ReportOptions:
+    """``report``'s settings as the command line's options (``python results.py --help``)."""
+
+    out_dir: str | None = field(default="outputs/results", metadata={"help": "folder for the PNG plots"})
+    include_study: bool = field(default=True, metadata={"help": "add the study's published numbers as rows"})
+    n_boot: int | None = field(default=None, metadata={
+        "help": f"bootstrap resamples of the paired comparisons (default: {metrics.DEFAULT_N_BOOT})"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``RUN_DIR...`` plus one option per ``ReportOptions`` field, built as training.py's and evaluation.py's."""
+    parser = argparse.ArgumentParser(
+        prog="results.py", description="Compare evaluated runs: one table with 95%% intervals, paired tests "
+                                       "against the baseline, and the plots.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (searched for evaluation summaries) or summary files")
+    runtime.add_dataclass_options(parser, ReportOptions)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python results.py RUN_DIR... [options]``: print the table and the paired comparisons, save the plots."""
+    namespace = build_parser().parse_args(argv)
+    options = ReportOptions(**runtime.dataclass_values(ReportOptions, namespace))
+    with runtime.one_line_errors(namespace.debug, prog="results.py"):
+        return report(namespace.runs, **dataclasses.asdict(options))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,11 +5,15 @@ One builder serves the four training notebooks, the command line and multi-GPU r
     import training
     result = training.train(training.TrainConfig(method="group", lam=0.5))
     training.plot_training_curves(result.output_dir)
-    # evaluate result.adapter_dir with evaluation.py
+    summary = training.evaluate_adapter(result)   # evaluation.evaluate_run on the run folder
 
     python training.py --method group [--lam 0.3 ...]          # train, then evaluate (evaluation.py)
     python training.py                                          # no GPU: the CPU smoke configuration
     accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group
+
+This module holds the run's configuration and its checks, the live view and ``RewardMonitor`` (the step's numbers
+are ``metrics.batch_metrics``), checkpoint records, the backends, the ``train`` flow, the curves and the CLI; the
+evaluation after training is ``evaluation.evaluate_run``.
 
 A method is one entry of ``rewards.METHODS``: ``lam`` reaches the method's length rewards and
 ``reward_params`` reaches any other keyword a reward function takes (e.g. a literature method's own
@@ -33,8 +37,8 @@ free Colab session at best, often two; running again resumes from the last check
 same data order. Disk: ~106 MB a checkpoint (adapter + AdamW state), ~4.2 GB for all 40 (``save_total_limit`` keeps
 fewer). Two GPUs (``accelerate launch``) double the completions per step at about the same step time.
 
-Outputs (``output_dir`` = ``runtime.output_dir(folder, save_to_drive)``, i.e. ``outputs/<folder>`` or Google
-Drive ``MyDrive/length-rl/<folder>``)::
+Outputs (``output_dir`` = ``runtime.run_dir(method, save_to_drive, smoke, folder)``, i.e. ``outputs/<folder>`` or
+Google Drive ``MyDrive/length-rl/<folder>``; the folder of a study method is ``runtime.METHOD_FOLDERS``'s)::
 
     <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, sessions, times,
                                      versions); written last, it marks the run finished (running again re-uses it)
@@ -66,20 +70,13 @@ from pathlib import Path
 from typing import Any
 
 import data
+import metrics
 import rewards
 import runtime
 
-METHOD_FOLDERS = {
-    "baseline": "Baseline",
-    "ans_len": "Ans_len_considering",
-    "group": "Group_method",
-    "group_ans_len": "Group_method_with_ans_len_considering",
-}
 BACKENDS = ("auto", "unsloth", "trl")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# A completion "reached the limit" when it ended within this many tokens of max_completion_length.
-OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
 # The settings that may change when a run resumes: where it is written, how often it is saved and logged, and
 # memory-only switches. Every other TrainConfig field shapes what is trained, so it is part of the run's identity
 # (RUN_IDENTITY): resuming with a different value is an error. ``max_steps`` may only grow (train further).
@@ -90,13 +87,7 @@ RESUME_MAY_CHANGE = ("folder", "output_dir", "save_to_drive", "push_to_hub", "hu
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 # log_history.json is rewritten at most this often while training (and at every checkpoint): small on Drive.
 LOG_WRITE_SECONDS = 60.0
-SMOKE_QUESTIONS = 8
 SMOKE_STEPS = 2
-
-
-def default_folder(method: str) -> str:
-    """The notebook folder of a study method, else the method's own name."""
-    return METHOD_FOLDERS.get(method, method)
 
 
 @dataclass
@@ -115,7 +106,7 @@ class TrainConfig:
     model: str = field(default=runtime.MODEL_ID, metadata={
         "help": f"Hub id or local folder of the base model; {runtime.TINY_MODEL!r} = tiny random Qwen2"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: found by runtime.py)"})
-    folder: str | None = field(default=None, metadata={"help": "output folder name (default: METHOD_FOLDERS[method])"})
+    folder: str | None = field(default=None, metadata={"help": "output folder name (default: the method's folder)"})
     output_dir: str | None = field(default=None, metadata={"help": "explicit output folder (overrides folder/drive)"})
     save_to_drive: bool = field(default=False, metadata={"help": "write to Google Drive (Colab)"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final adapter to the Hub (HF_TOKEN)"})
@@ -172,7 +163,7 @@ class TrainConfig:
         "help": "extra trl.GRPOConfig arguments, KEY=VALUE"})
 
     def resolved_folder(self) -> str:
-        return self.folder or default_folder(self.method)
+        return runtime.run_folder(self.method, folder=self.folder)
 
 
 RUN_IDENTITY = tuple(spec.name for spec in dataclasses.fields(TrainConfig)
@@ -204,24 +195,23 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
     Tiny random Qwen2 with the real tokenizer, 8 GSM8K questions, 2 GRPO steps of 2 groups of 4
     completions of at most 32 tokens, checkpoints every step, ``trl`` backend, local disk.
     """
-    folder = config.resolved_folder()
     return dataclasses.replace(
         config,
         model=runtime.TINY_MODEL,
         backend="trl",
-        train_size=SMOKE_QUESTIONS,
+        train_size=runtime.SMOKE_QUESTIONS,
         max_steps=SMOKE_STEPS if config.max_steps is None else min(config.max_steps, SMOKE_STEPS),
         num_generations=4,
         per_device_train_batch_size=4,
         steps_per_generation=2,
-        max_completion_length=32,
+        max_completion_length=runtime.SMOKE_NEW_TOKENS,
         gradient_checkpointing=False,
         precision="fp32",
         save_steps=1,
         logging_steps=1,
         save_to_drive=False,
         push_to_hub=False,
-        folder=folder if folder.endswith("-smoke") else f"{folder}-smoke",
+        folder=runtime.run_folder(config.method, smoke=True, folder=config.folder),
         smoke=True,
     )
 
@@ -239,11 +229,6 @@ def smoke_overrides(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
 # --------------------------------------------------------------------------------------------------
 # Configuration checks (before anything heavy is loaded)
 # --------------------------------------------------------------------------------------------------
-
-def world_size() -> int:
-    """Number of training processes of this launch (``accelerate launch`` / ``torchrun`` set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def reward_params(config: TrainConfig) -> dict[str, Any]:
     """The keyword parameters for ``rewards.reward_functions``, checked for name, type and range: ``lam`` and the
@@ -294,7 +279,7 @@ def check_config(config: TrainConfig) -> None:
             f"{per_process} completions per process is not a multiple of num_generations "
             f"({config.num_generations}). Group rewards need each question's {config.num_generations} completions "
             "on one process; e.g. use steps_per_generation="
-            f"{_next_multiple(per_process, config.num_generations) // config.per_device_train_batch_size}.")
+            f"{runtime.round_up(per_process, config.num_generations) // config.per_device_train_batch_size}.")
     if not 0 < config.learning_rate < 1:
         raise error(f"learning_rate must be in (0, 1), got {config.learning_rate}")
     if not 0 <= config.warmup_ratio <= 1:
@@ -346,60 +331,9 @@ def _check_reward_params(config: TrainConfig) -> None:
         raise runtime.ConfigError(str(problem)) from None
 
 
-def _next_multiple(value: int, base: int) -> int:
-    return -(-value // base) * base
-
-
 # --------------------------------------------------------------------------------------------------
-# Metrics (pure functions, unit-tested) and the live view
+# The live view (the step's metrics are metrics.batch_metrics)
 # --------------------------------------------------------------------------------------------------
-
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Pearson correlation of two equally long sequences; None when undefined (< 2 points or no spread)."""
-    if len(xs) != len(ys):
-        raise ValueError(f"pearson needs sequences of equal length, got {len(xs)} and {len(ys)}")
-    n = len(xs)
-    if n < 2:
-        return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    dx = [float(x) - mean_x for x in xs]
-    dy = [float(y) - mean_y for y in ys]
-    sxx, syy = sum(d * d for d in dx), sum(d * d for d in dy)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return max(-1.0, min(1.0, sum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)))
-
-
-def out_of_limit(lengths: Sequence[int], limit: int, margin: int = OUT_OF_LIMIT_MARGIN) -> float:
-    """Fraction of completions that reached the token limit or ended within ``margin`` tokens of it."""
-    if not lengths:
-        raise ValueError("out_of_limit needs at least one completion")
-    return sum(1 for n in lengths if rewards.is_out_of_limit(n, limit, margin)) / len(lengths)
-
-
-# The same definition as evaluation's (one source: rewards.py).
-model_efficiency = rewards.model_efficiency
-
-
-def batch_metrics(lengths: Sequence[int], question_lengths: Sequence[int], reference_lengths: Sequence[int],
-                  correct: Sequence[bool], format_ok: Sequence[bool], limit: int) -> dict[str, float]:
-    """The step's metrics over its completions; undefined ones (e.g. a correlation without spread) are left out."""
-    n = len(lengths)
-    if n == 0:
-        raise ValueError("batch_metrics needs at least one completion")
-    if not n == len(question_lengths) == len(reference_lengths) == len(correct) == len(format_ok):
-        raise ValueError("batch_metrics needs one value per completion in every column")
-    metrics: dict[str, float | None] = {
-        "accuracy": sum(map(bool, correct)) / n,
-        "format_accuracy": sum(map(bool, format_ok)) / n,
-        "mean_length": sum(lengths) / n,
-        "out_of_limit": out_of_limit(lengths, limit),
-        "model_efficiency": model_efficiency(reference_lengths, lengths, correct),
-        "question_vs_response_length_correlation": pearson(question_lengths, lengths),
-        "answer_vs_response_length_correlation": pearson(reference_lengths, lengths),
-    }
-    return {name: float(value) for name, value in metrics.items() if value is not None}
-
 
 def completion_symbol(correct: bool, format_ok: bool) -> str:
     """✔ correct answer; ★ right format, wrong answer; ✗ otherwise."""
@@ -451,19 +385,9 @@ def trainer_metric_logger(trainer: Any) -> Callable[[str, float], None]:
     return log_metric
 
 
-def _distributed() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(items: list[Any]) -> list[list[Any]]:
     """Every process's ``items`` (a list per process); collective, so every process must call it."""
-    size = _distributed()[1]
+    size = runtime.world_size()
     if size == 1:
         return [items]
     import torch.distributed as dist
@@ -522,13 +446,21 @@ class RewardMonitor:
         return reward
 
     def observe(self, totals: Sequence[float], completions: Sequence, completion_ids: Sequence,
-                answer: Sequence, question_length: Sequence[int], reference_length: Sequence[int],
-                question_id: Sequence | None = None, prompts: Sequence | None = None,
-                log_metric: Callable[[str, float], None] | None = None, trainer_state: Any = None,
-                **_: Any) -> dict[str, float]:
-        """Log the batch's metrics, print the live view, record the question order; returns the metrics."""
+                **batch: Any) -> dict[str, float]:
+        """Log the batch's metrics, print the live view, record the question order; returns the metrics.
+
+        ``batch`` is what TRL passes a reward function besides the completions: the dataset columns ``answer``,
+        ``question_length`` and ``reference_length`` (needed) and ``question_id``, and ``prompts``,
+        ``log_metric`` and ``trainer_state`` where TRL gives them."""
+        needed = ("answer", "question_length", "reference_length")
+        missing = [name for name in needed if name not in batch]
+        if missing:
+            raise ValueError(f"the reward batch lacks the dataset column(s) {missing} (data.training_dataset has them)")
+        answer, question_length, reference_length = (batch[name] for name in needed)
+        question_id, prompts = batch.get("question_id"), batch.get("prompts")
+        log_metric, trainer_state = batch.get("log_metric"), batch.get("trainer_state")
         keys = rewards.group_keys(len(completions), prompts, question_id)
-        rank, size = _distributed()
+        rank = runtime.rank()
         local = [{
             "group": key if question_id is not None else f"#{index // self.num_generations}",
             "question_id": key if question_id is not None else None,
@@ -543,16 +475,17 @@ class RewardMonitor:
         } for index, (key, text, ids, gold, q, r, total) in enumerate(
             zip(keys, completions, completion_ids, answer, question_length, reference_length, totals))]
         records = [record for part in _gather(local) for record in part]
-        metrics = batch_metrics([r["length"] for r in records], [r["question_length"] for r in records],
-                                [r["reference_length"] for r in records], [r["correct"] for r in records],
-                                [r["format_ok"] for r in records], self.max_completion_length)
-        metrics["whole_groups"] = whole_group_fraction(records, self.num_generations)
-        self.last_metrics = metrics
+        step_metrics = metrics.batch_metrics(
+            [r["length"] for r in records], [r["question_length"] for r in records],
+            [r["reference_length"] for r in records], [r["correct"] for r in records],
+            [r["format_ok"] for r in records], self.max_completion_length)
+        step_metrics["whole_groups"] = metrics.whole_group_fraction(records, self.num_generations)
+        self.last_metrics = step_metrics
         log = log_metric
         if log is None and self.trainer is not None:
             log = trainer_metric_logger(self.trainer)
         if log is not None:
-            for name, value in metrics.items():
+            for name, value in step_metrics.items():
                 log(name, value)
         step = trainer_state.global_step + 1 if trainer_state is not None else None
         if rank == 0:
@@ -564,19 +497,7 @@ class RewardMonitor:
                 with self.batches_file.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"step": step, "question_ids": [r["question_id"] for r in records],
                                              "processes": [r["process"] for r in records]}) + "\n")
-        _ = size
-        return metrics
-
-
-def whole_group_fraction(records: Sequence[dict[str, Any]], num_generations: int) -> float:
-    """Fraction of (process, question) groups holding exactly ``num_generations`` completions (1.0 = all whole)."""
-    counts: dict[tuple[Any, Any], int] = {}
-    for record in records:
-        key = (record.get("process", 0), record["group"])
-        counts[key] = counts.get(key, 0) + 1
-    if not counts:
-        raise ValueError("whole_group_fraction needs at least one completion")
-    return sum(1 for count in counts.values() if count == num_generations) / len(counts)
+        return step_metrics
 
 
 def _format_number(value: float | None) -> str | None:
@@ -844,12 +765,6 @@ def resolve_precision(precision: str) -> str:
     return runtime.default_precision() if precision == "auto" else precision
 
 
-def _torch_dtype(precision: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
 def _vllm_available() -> bool:
     import importlib.util
 
@@ -865,7 +780,7 @@ def _load_trl_model(config: TrainConfig, tokenizer, precision: str):
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_torch_dtype(precision),
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=runtime.torch_dtype(precision),
                                                      attn_implementation="sdpa")
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
                              target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
@@ -953,17 +868,16 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """The configuration ``train`` runs: the smoke configuration when asked or when ``runtime.smoke_mode()``."""
-    smoke = runtime.smoke_mode() if config.smoke is None else config.smoke
-    return smoke_config(config) if smoke else config
+    return smoke_config(config) if runtime.wants_smoke(config.smoke) else config
 
 
 def run_output_dir(config: TrainConfig) -> Path:
-    """``config.output_dir`` when given, else ``runtime.output_dir(folder, save_to_drive)``."""
+    """``config.output_dir`` when given, else ``runtime.run_dir(method, save_to_drive, smoke, folder)``."""
     if config.output_dir:
         path = Path(config.output_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return runtime.output_dir(config.resolved_folder(), config.save_to_drive)
+    return runtime.run_dir(config.method, config.save_to_drive, bool(config.smoke), config.folder)
 
 
 def _setup_wandb(config: TrainConfig, output_dir: Path) -> str:
@@ -993,16 +907,6 @@ def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, token: str | None
     return f"https://huggingface.co/{repo_id}"
 
 
-def _import_wandb_early() -> None:
-    # TRL imports wandb whenever it is installed. wandb's pydantic models look up their source module
-    # (inspect.getmodule scans sys.modules) at import, so importing it before torch/transformers fill sys.modules
-    # is ~3x faster (44 s -> 16 s for `from trl import GRPOTrainer` on a 2-core machine).
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-
-
 def _save_emergency_checkpoint(trainer, checkpoints_dir: Path,
                                snapshot: tuple[int, dict[str, Any], int] | None) -> Path | None:
     """After an immediate stop (KeyboardInterrupt outside a step's end): save a full checkpoint (adapter,
@@ -1013,7 +917,7 @@ def _save_emergency_checkpoint(trainer, checkpoints_dir: Path,
     from the finished step's values to repeat the uninterrupted run."""
     step = trainer.state.global_step
     target = checkpoints_dir / f"checkpoint-{step}"
-    if step == 0 or checkpoint_problem(target) is None or _distributed()[1] > 1:
+    if step == 0 or checkpoint_problem(target) is None or runtime.world_size() > 1:
         return None  # nothing learned yet, already saved, or other processes cannot join the save
     if snapshot is not None and snapshot[0] == step:
         _restore_rng(snapshot[1])
@@ -1119,7 +1023,7 @@ def _run_keeper(output_dir: Path, session: dict[str, Any], save_total_limit: int
 def _catch_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
     """Route SIGINT and SIGTERM to ``handler``; returns the previous handlers. Only the main thread of a
     single-process run (several processes would have to agree on the step to stop at)."""
-    if threading.current_thread() is not threading.main_thread() or world_size() > 1:
+    if threading.current_thread() is not threading.main_thread() or runtime.world_size() > 1:
         return {}
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
@@ -1174,7 +1078,7 @@ def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainCon
     result = TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
                          log_history=state["log_history"], resumed_from=str(checkpoint),
                          global_step=state["global_step"], backend=run.get("backend", "trl"), config=config)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if runtime.rank() != 0:
         return result  # the main process writes
     _before_new_adapter(output_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -1299,10 +1203,10 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         print("Resuming with changed settings: " + ", ".join(f"{name} {old!r} -> {new!r}"
                                                              for name, (old, new) in changes.items()), flush=True)
 
-    _import_wandb_early()
+    runtime.import_wandb_early()
     backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
     precision = resolve_precision(config.precision)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = runtime.rank()
     if config.backend == "auto" and backend == "trl" and rank == 0:
         print(f"Backend: trl ({reason})", flush=True)
 
@@ -1312,9 +1216,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
 
     tokenizer = runtime.load_tokenizer(config.tokenizer, config.model)
     dataset = data.training_dataset(tokenizer, config.gsm8k_dir, size=config.train_size,
-                                    max_steps=config.max_steps_in_question, seed=config.seed,
-                                    budget=config.budget, budget_in_prompt=config.budget_in_prompt)
-    per_step = config.per_device_train_batch_size * config.steps_per_generation * world_size() // config.num_generations
+                                    max_steps=config.max_steps_in_question, seed=config.seed)
+    if config.budget is not None:
+        import budgets
+
+        dataset = budgets.add_target_lengths(dataset, config.budget, tokenizer, config.gsm8k_dir,
+                                             in_prompt=config.budget_in_prompt)
+    per_step = (config.per_device_train_batch_size * config.steps_per_generation * runtime.world_size()
+                // config.num_generations)
     if len(dataset) < per_step:
         raise runtime.ConfigError(
             f"the training set has {len(dataset)} question(s) (train_size={config.train_size}, "
@@ -1340,7 +1249,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     if rank == 0:
         generation = "vLLM" if use_vllm else "transformers generate"
         print(f"Training {config.method} (λ={config.lam}) with {backend} + {generation}, {precision}, "
-              f"{world_size()} process(es) -> {output_dir}", flush=True)
+              f"{runtime.world_size()} process(es) -> {output_dir}", flush=True)
 
     monitor = RewardMonitor(config.num_generations, config.max_completion_length, live_view=config.live_view,
                             batches_file=output_dir / "batches.jsonl")
@@ -1359,7 +1268,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     keeper.trainer = trainer
 
     run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "precision": precision,
-           "num_processes": world_size(), "use_vllm": use_vllm}
+           "num_processes": runtime.world_size(), "use_vllm": use_vllm}
     if rank == 0:
         last = (saved_run.get("sessions") or [{}])[-1]
         for key in ("backend", "precision"):
@@ -1501,43 +1410,13 @@ def plot_training_curves(log_history_or_run_dir: Sequence[dict[str, Any]] | str 
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-_SCALARS = {"int": int, "float": float, "str": str}
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one option per ``TrainConfig`` field (same names, dashes), plus evaluation options."""
     parser = argparse.ArgumentParser(
         prog="training.py", description="GRPO training on GSM8K with length-aware rewards (then evaluation).",
         epilog="Without a GPU the CPU smoke configuration runs (see --smoke/--no-smoke). Multi-GPU: "
                "accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group")
-    for spec in dataclasses.fields(TrainConfig):
-        option = "--" + spec.name.replace("_", "-")
-        help_text = spec.metadata.get("help", "")
-        default = spec.default if spec.default is not dataclasses.MISSING else None
-        type_name = str(spec.type).replace(" | None", "").strip()
-        if type_name.startswith("dict"):
-            parser.add_argument(option, dest=spec.name, type=_key_value, action="append", default=None,
-                                metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
-        elif type_name == "bool":
-            parser.add_argument(option, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
-        else:
-            parser.add_argument(option, dest=spec.name, type=_SCALARS[type_name], default=default,
-                                help=f"{help_text} (default: {default})")
+    runtime.add_dataclass_options(parser, TrainConfig)
     parser.add_argument("--eval", dest="run_eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate the adapter with evaluation.py after training (default: on)")
     parser.add_argument("--eval-limit", type=int, default=None,
@@ -1549,79 +1428,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
-    values = {spec.name: getattr(namespace, spec.name) for spec in dataclasses.fields(TrainConfig)}
-    for name in ("reward_params", "grpo_overrides"):
-        values[name] = dict(values[name] or [])
-    return TrainConfig(**values)
+    return TrainConfig(**runtime.dataclass_values(TrainConfig, namespace))
 
 
 def evaluate_adapter(result: TrainResult, limit: int | None = None, backend: str = "auto",
                      reuse_model: bool = True) -> dict[str, Any] | None:
-    """Evaluate a finished run's adapter with evaluation.py, results in ``<output_dir>/eval``; None when the
-    evaluation module is absent. ``reuse_model`` evaluates the trained model still in memory (no reload)."""
+    """Evaluate a finished run's adapter with ``evaluation.evaluate_run``, results in ``<output_dir>/eval``; None
+    when the evaluation module is absent. ``reuse_model`` evaluates the trained model still in memory (no reload)."""
     try:
         import evaluation
     except ImportError:
         print("evaluation.py not found: skipping evaluation", flush=True)
         return None
-    config = result.config or TrainConfig()
-    if limit is None and config.smoke:
-        limit = SMOKE_QUESTIONS
-    eval_config = evaluation.EvalConfig(model=config.model, adapter=str(result.adapter_dir),
-                                        output_dir=str(result.output_dir / "eval"), limit=limit,
-                                        max_new_tokens=config.max_completion_length, backend=backend,
-                                        gsm8k_dir=config.gsm8k_dir, tokenizer=config.tokenizer)
     model = result.model if reuse_model else None
-    summary = evaluation.evaluate(eval_config, model=model, tokenizer=result.tokenizer if model is not None else None)
-    evaluation.print_summary(summary)
-    return summary
-
-
-def evaluate_saved_run(method: str, adapter: str | None = None, save_to_drive: bool = False,
-                       limit: int | None = None, backend: str = "auto", redo: bool = False,
-                       folder: str | None = None) -> dict[str, Any]:
-    """Evaluate the adapter a training run saved (the Eval notebooks), then compare it with the baseline.
-
-    ``adapter`` is a local or Google Drive folder or a Hub repo id; by default the ``adapter/`` folder of the
-    method's run (``runtime.output_dir(folder, save_to_drive)``, the smoke folder in smoke mode), with results
-    in that run's ``eval/``. The base model, tokenizer, GSM8K folder and token limit come from the run's
-    ``run_config.json`` when there is one. For the default adapter, when the baseline run's results are present
-    (and this is not the baseline), a paired comparison is printed and returned under ``"baseline_comparison"``.
-    """
-    import evaluation
-
-    smoke = runtime.smoke_mode()
-    run_config = TrainConfig(method=method, folder=folder)
-    if smoke:
-        run_config = smoke_config(run_config)
-    run_dir = None
-    if adapter is None:
-        run_dir = runtime.output_dir(run_config.resolved_folder(), save_to_drive and not smoke)
-        adapter = str(run_dir / "adapter")
-        if not (run_dir / "adapter" / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no trained adapter in {adapter}: run the {run_config.resolved_folder()} "
-                                    "training notebook first, or give the adapter's folder or Hub repo id")
-    saved_path = Path(adapter) / "run_config.json"
-    saved = json.loads(saved_path.read_text(encoding="utf-8")).get("config", {}) if saved_path.is_file() else {}
-    if limit is None and smoke:
-        limit = SMOKE_QUESTIONS
-    eval_config = evaluation.EvalConfig(
-        model=saved.get("model", run_config.model), adapter=adapter, backend=backend, limit=limit, redo=redo,
-        max_new_tokens=saved.get("max_completion_length", run_config.max_completion_length),
-        output_dir=str(run_dir / "eval") if run_dir is not None else None,
-        gsm8k_dir=saved.get("gsm8k_dir"), tokenizer=saved.get("tokenizer"))
-    summary = evaluation.evaluate(eval_config)
-    evaluation.print_summary(summary)
-    if method != "baseline" and run_dir is not None:
-        baseline = smoke_config(TrainConfig()) if smoke else TrainConfig()
-        baseline_dir = runtime.output_dir(baseline.resolved_folder(), save_to_drive and not smoke) / "eval"
-        baseline_results = evaluation.result_paths(baseline_dir)[0]
-        if baseline_results.is_file():
-            comparison = evaluation.compare_runs(baseline_results, evaluation.result_paths(run_dir / "eval")[0],
-                                                 labels=("baseline", method))
-            evaluation.print_comparison(comparison)
-            summary = {**summary, "baseline_comparison": comparison, "baseline_results": str(baseline_results)}
-    return summary
+    return evaluation.evaluate_run(result.output_dir, model=model, tokenizer=result.tokenizer, compare=False,
+                                   limit=limit, backend=backend)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
@@ -1630,7 +1451,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     with runtime.one_line_errors(namespace.debug, prog="training.py"):
         config = config_from_args(namespace)
         result = train(config)
-        if _distributed()[0] == 0:
+        if runtime.rank() == 0:
             plot_training_curves(result.output_dir)
             done = "re-used" if result.reused else f"{result.train_seconds:.0f} s"
             print(f"Adapter: {result.adapter_dir}  ({done}, {result.global_step} steps)", flush=True)

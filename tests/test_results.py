@@ -8,12 +8,15 @@ them out: ``<run>/run_config.json``, ``<run>/adapter/run_config.json`` (training
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import evaluation
+import metrics
 import results
 
 STEPS = [2, 3, 4, 8]
@@ -29,10 +32,10 @@ def records(correct, lengths, format_ok=None, limit=512):
 
 
 def write_eval(folder: Path, rows, adapter=None, budget=None, mode=None) -> Path:
-    results_path, summary_path = evaluation.result_paths(folder, budget, mode or "limit")
+    results_path, summary_path = metrics.result_paths(folder, budget, mode or "limit")
     folder.mkdir(parents=True, exist_ok=True)
     results_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    summary = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "adapter": adapter, "metrics": evaluation.compute_metrics(rows),
+    summary = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "adapter": adapter, "metrics": metrics.compute_metrics(rows),
                "generation": {"budget": budget, "budget_mode": mode},
                # As written on another machine (e.g. Colab): the absolute path does not exist here.
                "files": {"results": f"/content/drive/MyDrive/elsewhere/{results_path.name}",
@@ -87,7 +90,7 @@ def test_the_table_reports_each_runs_metrics(outputs):
     assert set(rows) == {"untrained", "baseline", "group", "baseline [budget steps, limit]"}
     baseline = rows["baseline"]
     assert baseline["accuracy"] == 0.75 and baseline["n"] == 4 and baseline["correct"] == 3
-    assert (baseline["accuracy_ci_low"], baseline["accuracy_ci_high"]) == evaluation.wilson_interval(3, 4)
+    assert (baseline["accuracy_ci_low"], baseline["accuracy_ci_high"]) == metrics.wilson_interval(3, 4)
     assert baseline["mean_length"] == 110.0
     assert baseline["efficiency"] == pytest.approx((50 + 60 + 80) / (100 + 120 + 80))
     assert baseline["train_seconds"] == 3725.0
@@ -108,7 +111,7 @@ def test_the_studys_published_numbers_are_labelled_reference_rows(outputs):
                        "study: group": (0.3495, None, 121.6), "study: group_ans_len": (0.3541, None, 122.8)}
     for row in study:  # the published percentage is the count over 1319 questions
         assert round(100 * row["correct"] / 1319, 2) == round(100 * row["accuracy"], 2)
-        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == evaluation.wilson_interval(row["correct"], 1319)
+        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == metrics.wilson_interval(row["correct"], 1319)
     text = results.format_table(rows)
     assert "study (published)" in text and "reference only" in text
     assert "75.00% [" in text and "1 h 02 min" in text and "5 min" in text
@@ -252,3 +255,16 @@ def test_the_notebook_pairs_table_has_the_text_tables_cells(outputs):
     for _, row in frame.iterrows():
         line = next(line for line in text.splitlines() if line.startswith(row["Run"] + " "))
         assert all(cell in line for cell in row)
+def test_command_line_reports_runs_and_names_a_bad_folder_in_one_line(outputs, tmp_path):
+    script = Path(results.__file__).resolve()
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(script), str(outputs / "Baseline"), str(outputs / "Group_method"),
+                           "--out-dir", str(tmp_path / "cli"), "--n-boot", "200", "--no-include-study"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "McNemar p" in done.stdout and "study:" not in done.stdout
+    assert all(_is_png(tmp_path / "cli" / filename) for filename in results.PLOT_FILES.values())
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nowhere")], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"results.py: error: {str(tmp_path / 'nowhere')!r} does not exist"]
