@@ -267,6 +267,9 @@ def batch_metrics(lengths: Sequence[int], question_lengths: Sequence[int], refer
         "accuracy": sum(map(bool, correct)) / n,
         "format_accuracy": sum(map(bool, format_ok)) / n,
         "mean_length": sum(lengths) / n,
+        # What method 1 minimises, in tokens: unlike its reward (scaled within each group) it is comparable
+        # across steps, so it shows whether lengths approach the reference solutions'.
+        "mean_reference_deviation": sum(abs(o - g) for o, g in zip(lengths, reference_lengths)) / n,
         "out_of_limit": out_of_limit(lengths, limit),
         "model_efficiency": rewards.model_efficiency(reference_lengths, lengths, correct),
         "question_vs_response_length_correlation": correlation(question_lengths, lengths),

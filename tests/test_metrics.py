@@ -202,6 +202,7 @@ def test_batch_metrics_match_numpy():
     assert got["accuracy"] == pytest.approx(correct.mean())
     assert got["format_accuracy"] == pytest.approx(format_ok.mean())
     assert got["mean_length"] == pytest.approx(lengths.mean())
+    assert got["mean_reference_deviation"] == pytest.approx(np.abs(lengths - references).mean())
 
 
 def test_batch_metric_edge_cases():
@@ -214,6 +215,7 @@ def test_batch_metric_edge_cases():
     assert "question_vs_response_length_correlation" not in step  # undefined metrics are left out
     assert "model_efficiency" not in step
     assert step["format_accuracy"] == 0.5 and step["out_of_limit"] == 1.0
+    assert step["mean_reference_deviation"] == (422 + 432) / 2  # tokens away from the reference, either side
     with pytest.raises(ValueError, match="equal length"):
         metrics.correlation([1, 2], [1])
     with pytest.raises(ValueError, match="one value per completion"):
