@@ -18,9 +18,15 @@ parameter); a parameter that no function of the method takes is an error.
 Backends
     ``unsloth``  Unsloth's FastLanguageModel: LoRA, Unsloth gradient checkpointing, vLLM fast inference
                  sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``), fp16 on a T4.
-    ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer; vLLM in colocate mode when vllm is installed
-                 and a GPU is present, else transformers' ``generate``.
+    ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer, rollouts from vLLM or the project's decoder.
     ``auto``     Unsloth on CUDA when it imports and patches TRL cleanly, else ``trl`` (one line says why).
+
+Rollouts (``rollout``; the run's first line names the generator and why)
+    ``vllm``     TRL's vLLM colocate mode (``trl``) or Unsloth's fast inference (``unsloth``).
+    ``static``   ``decoding.RolloutDecoder``: a static KV cache and CUDA graphs, the LoRA adapter merged on CUDA
+                 (``trainer_class``); the fallback wherever vLLM is not installed (``trl`` backend only).
+    ``generate`` TRL's plain transformers ``generate``.
+    ``auto``     vLLM when it is installed and imports, else ``static``.
 
 What a run costs (defaults: 4000 questions x 8 completions = 32,000 completions = 2000 optimizer steps of 16
 completions = 2 whole groups, at most 512 completion tokens). Measured (BENCHMARKS.md "## Training") on an H200 capped
