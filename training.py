@@ -208,6 +208,7 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
         config,
         model=runtime.TINY_MODEL,
         backend="trl",
+        rollout=config.rollout if config.rollout in ("static", "generate") else "auto",  # vLLM cannot serve it
         train_size=SMOKE_QUESTIONS,
         max_steps=SMOKE_STEPS if config.max_steps is None else min(config.max_steps, SMOKE_STEPS),
         num_generations=4,

@@ -58,6 +58,9 @@ def test_rollout_choices_are_checked_before_anything_loads():
     with pytest.raises(ValueError, match="may not set use_vllm"):
         training.check_config(training.TrainConfig(grpo_overrides={"use_vllm": True}))
     training.check_config(training.TrainConfig(rollout="static"))
+    # The smoke configuration keeps a rollout that runs on the CPU and lets auto choose otherwise.
+    assert training.smoke_config(training.TrainConfig(rollout="generate")).rollout == "generate"
+    assert training.smoke_config(training.TrainConfig(rollout="vllm")).rollout == "auto"
     # The option comes from the dataclass, like every other field.
     namespace = training.build_parser().parse_args(["--rollout", "generate", "--no-rollout-merge-adapter"])
     config = training.config_from_args(namespace)
