@@ -331,6 +331,7 @@ secret.
 METHOD = "{method}"  # @param [{methods}]
 LAMBDA = 0.5  # @param {{type:"number"}}
 BACKEND = "auto"  # @param ["auto", "unsloth", "trl"]
+ROLLOUT = "auto"  # @param ["auto", "vllm", "static", "generate"]
 SAVE_TO_DRIVE = False  # @param {{type:"boolean"}}
 PUSH_TO_HUB = False  # @param {{type:"boolean"}}
 HUB_REPO = ""  # @param {{type:"string"}}
@@ -350,7 +351,8 @@ EVAL_LIMIT = 0  # @param {{type:"integer"}}
 import training
 
 config = training.TrainConfig(
-    method=METHOD, lam=LAMBDA, backend=BACKEND, save_to_drive=SAVE_TO_DRIVE, push_to_hub=PUSH_TO_HUB,
+    method=METHOD, lam=LAMBDA, backend=BACKEND, rollout=ROLLOUT, save_to_drive=SAVE_TO_DRIVE,
+    push_to_hub=PUSH_TO_HUB,
     hub_repo=HUB_REPO or None, learning_rate=LEARNING_RATE, num_generations=NUM_GENERATIONS,
     max_completion_length=MAX_COMPLETION_LENGTH, train_size=TRAIN_SIZE, save_steps=SAVE_STEPS,
     max_steps=MAX_STEPS or None, budget=BUDGET or None, seed=SEED,

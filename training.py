@@ -22,9 +22,15 @@ parameter); a parameter that no function of the method takes is an error.
 Backends
     ``unsloth``  Unsloth's FastLanguageModel: LoRA, Unsloth gradient checkpointing, vLLM fast inference
                  sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``), fp16 on a T4.
-    ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer; vLLM in colocate mode when vllm is installed
-                 and a GPU is present, else transformers' ``generate``.
+    ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer, rollouts from vLLM or the project's decoder.
     ``auto``     Unsloth on CUDA when it imports and patches TRL cleanly, else ``trl`` (one line says why).
+
+Rollouts (``rollout``; the run's first line names the generator and why)
+    ``vllm``     TRL's vLLM colocate mode (``trl``) or Unsloth's fast inference (``unsloth``).
+    ``static``   ``decoding.RolloutDecoder``: a static KV cache and CUDA graphs, the LoRA adapter merged on CUDA
+                 (``trainer_class``); the fallback wherever vLLM is not installed (``trl`` backend only).
+    ``generate`` TRL's plain transformers ``generate``.
+    ``auto``     vLLM when it is installed and imports, else ``static``.
 
 What a run costs (defaults: 4000 questions x 8 completions = 32,000 completions = 2000 optimizer steps of 16
 completions = 2 whole groups, at most 512 completion tokens). Measured (BENCHMARKS.md "## Training") on an H200 capped
@@ -55,6 +61,7 @@ Google Drive ``MyDrive/length-rl/<folder>``; the folder of a study method is ``r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -64,17 +71,19 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import data
+import decoding
 import metrics
 import rewards
 import runtime
 
 BACKENDS = ("auto", "unsloth", "trl")
+ROLLOUTS = ("auto", "vllm", "static", "generate")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The settings that may change when a run resumes: where it is written, how often it is saved and logged, and
@@ -82,7 +91,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # (RUN_IDENTITY): resuming with a different value is an error. ``max_steps`` may only grow (train further).
 RESUME_MAY_CHANGE = ("folder", "output_dir", "save_to_drive", "push_to_hub", "hub_repo", "save_steps",
                      "save_total_limit", "logging_steps", "report_to", "wandb_project", "live_view", "resume", "smoke",
-                     "gradient_checkpointing", "vllm_gpu_memory_utilization")
+                     "gradient_checkpointing", "vllm_gpu_memory_utilization", "rollout_merge_adapter",
+                     "profile_steps")
 # Written last and atomically into a checkpoint folder: the names and sizes of the files saved before it.
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 # log_history.json is rewritten at most this often while training (and at every checkpoint): small on Drive.
@@ -103,6 +113,12 @@ class TrainConfig:
     reward_params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra keyword parameters for the method's reward functions, KEY=VALUE"})
     backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
+    rollout: str = field(default="auto", metadata={
+        "help": f"rollout generator, one of {ROLLOUTS}: vllm (TRL colocate or Unsloth fast inference), static "
+                "(decoding.py's KV-cache/CUDA-graph decoder), generate (plain transformers); auto = vllm when it "
+                "is installed and imports, else static"})
+    rollout_merge_adapter: bool | None = field(default=None, metadata={
+        "help": "static rollouts: merge the LoRA adapter into the weights while generating (default: on CUDA)"})
     model: str = field(default=runtime.MODEL_ID, metadata={
         "help": f"Hub id or local folder of the base model; {runtime.TINY_MODEL!r} = tiny random Qwen2"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: found by runtime.py)"})
@@ -161,6 +177,9 @@ class TrainConfig:
         "help": "CPU smoke configuration; default: when runtime.smoke_mode() (no GPU)"})
     grpo_overrides: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra trl.GRPOConfig arguments, KEY=VALUE"})
+    profile_steps: bool = field(default=False, metadata={
+        "help": "log each step's seconds split into generation, reference pass, rewards, policy forward/backward "
+                "and the rest (profile/* metrics; synchronises the GPU at each boundary)"})
 
     def resolved_folder(self) -> str:
         return runtime.run_folder(self.method, folder=self.folder)
@@ -199,6 +218,7 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
         config,
         model=runtime.TINY_MODEL,
         backend="trl",
+        rollout=config.rollout if config.rollout in ("static", "generate") else "auto",  # vLLM cannot serve it
         train_size=runtime.SMOKE_QUESTIONS,
         max_steps=SMOKE_STEPS if config.max_steps is None else min(config.max_steps, SMOKE_STEPS),
         num_generations=4,
@@ -249,6 +269,7 @@ def check_config(config: TrainConfig) -> None:
     error = runtime.ConfigError
     if config.backend not in BACKENDS:
         raise error(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+    check_rollout(config)
     # These decide how completions are split across processes and steps: set them on TrainConfig, where the
     # whole-group check below sees them, never through grpo_overrides.
     guarded = sorted({"per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
@@ -378,11 +399,7 @@ def trainer_metric_logger(trainer: Any) -> Callable[[str, float], None]:
     Appends to the trainer's metric buffer exactly as TRL's own metrics are: values are averaged over each
     logging step and logged next to ``reward``, ``kl`` and ``completions/mean_length``.
     """
-    def log_metric(name: str, value: float) -> None:
-        mode = "train" if trainer.model.training else "eval"
-        trainer._metrics[mode][name].append(float(value))
-
-    return log_metric
+    return trainer.record_metric  # RolloutTrainer: the one place that touches TRL's metric buffer
 
 
 def _gather(items: list[Any]) -> list[list[Any]]:
@@ -765,10 +782,6 @@ def resolve_precision(precision: str) -> str:
     return runtime.default_precision() if precision == "auto" else precision
 
 
-def _vllm_available() -> bool:
-    import importlib.util
-
-    return runtime.has_cuda() and importlib.util.find_spec("vllm") is not None
 
 
 def _load_trl_model(config: TrainConfig, tokenizer, precision: str):
@@ -863,6 +876,292 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
 
 
 # --------------------------------------------------------------------------------------------------
+# Rollouts: the generator, and the one GRPOTrainer subclass that touches TRL's internals
+# --------------------------------------------------------------------------------------------------
+
+ROLLOUT_LABELS = {"vllm": "vLLM", "static": "static KV-cache decoder", "generate": "transformers generate"}
+# The GenerationConfig fields (set by TRL from GRPOConfig) that the static decoder honours; any other field that
+# differs from transformers' default, e.g. a repetition penalty through generation_kwargs, is an error.
+_STATIC_FIELDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "pad_token_id",
+                            "bos_token_id", "eos_token_id", "cache_implementation", "transformers_version"})
+
+
+def check_rollout(config: TrainConfig) -> None:
+    """One-line errors for a rollout choice that cannot run (part of ``check_config``; loads nothing)."""
+    if config.rollout not in ROLLOUTS:
+        raise ValueError(f"rollout must be one of {ROLLOUTS}, got {config.rollout!r}")
+    if config.backend == "unsloth" and config.rollout in ("static", "generate"):
+        raise ValueError(f"rollout={config.rollout!r} needs backend 'trl' or 'auto': Unsloth generates through its "
+                         "vLLM fast inference only")
+    if "use_vllm" in config.grpo_overrides:
+        raise ValueError(f"grpo_overrides may not set use_vllm: choose the generator with rollout (one of {ROLLOUTS})")
+
+
+def _vllm_problem(config: TrainConfig) -> str | None:
+    """Why vLLM cannot generate this run's rollouts; None when it is installed and imports."""
+    import importlib.util
+
+    if not runtime.has_cuda():
+        return "no CUDA GPU"
+    if config.model == runtime.TINY_MODEL:
+        return "the tiny smoke model exists only in memory"
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # a broken install (version mismatch, CUDA libraries) fails here, not mid-run
+        return f"vLLM did not import ({type(error).__name__}: {_first_line(error)})"
+    return None
+
+
+def resolve_rollout(config: TrainConfig, backend: str) -> tuple[str, str]:
+    """(generator, reason): how this run generates its rollouts, given the resolved ``backend``.
+
+    ``vllm``: TRL's colocate mode (``trl``) or Unsloth's fast inference (``unsloth``, always vLLM); ``static``:
+    ``decoding.RolloutDecoder`` inside ``trainer_class``; ``generate``: TRL's plain ``model.generate``. ``auto``
+    takes vLLM when it is installed and imports, otherwise ``static``, and the reason says why.
+    """
+    check_rollout(config)
+    if backend == "unsloth":
+        if config.rollout in ("static", "generate"):
+            raise ValueError(f"rollout={config.rollout!r} needs backend 'trl': Unsloth generates through its vLLM "
+                             "fast inference only")
+        return "vllm", "Unsloth's fast inference"
+    if config.rollout in ("static", "generate"):
+        return config.rollout, "requested"
+    problem = _vllm_problem(config)
+    if config.rollout == "vllm":
+        if problem:
+            raise RuntimeError(f"rollout='vllm' is not available: {problem}. Use rollout='static' or 'auto'.")
+        return "vllm", "requested (TRL colocate)"
+    if problem:
+        return "static", f"vLLM not used: {problem}"
+    return "vllm", "vLLM installed (TRL colocate)"
+
+
+def startup_line(config: TrainConfig, backend: str, backend_reason: str, rollout: str, rollout_reason: str,
+                 smoke_reason: str | None = None) -> str:
+    """The run's first line: the rollout generator and the backend, each with the reason it was chosen."""
+    if smoke_reason is None:
+        return f"Rollouts: {rollout} ({rollout_reason}) · backend {backend} ({backend_reason})"
+    return (f"Smoke mode ({smoke_reason}): rollouts {rollout} ({rollout_reason}), tiny random Qwen2, "
+            f"{config.train_size} questions, {config.max_steps} GRPO steps, {config.max_completion_length}-token "
+            f"completions, backend {backend} — not a real training run.")
+
+
+def static_rollout_settings(generation: Any) -> decoding.DecodeSettings:
+    """The decoder settings that sample what TRL's ``GenerationConfig`` asks for (GRPOConfig's temperature,
+    top_p, top_k, min_p and ``generation_kwargs``; ``do_sample=False``: greedy), stopping at TRL's EOS token and
+    padding with TRL's pad token. Unlike ``model.generate``, nothing comes from the model's own
+    generation_config.json (Qwen's would bring temperature 0.7, top_p 0.8 and a repetition penalty), so the
+    rollouts follow the distribution GRPOConfig states and the loss assumes, as TRL's vLLM path does."""
+    unsupported = sorted(set(generation.to_diff_dict()) - _STATIC_FIELDS)
+    if unsupported:
+        raise ValueError(f"rollout='static' cannot honour generation setting(s) {', '.join(unsupported)}; "
+                         "use rollout='generate' or drop them from generation_kwargs")
+    eos = generation.eos_token_id
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return decoding.DecodeSettings(
+        max_new_tokens=generation.max_new_tokens, method="static",
+        temperature=float(generation.temperature) if generation.do_sample else 0.0,
+        top_k=generation.top_k, top_p=1.0 if generation.top_p is None else float(generation.top_p),
+        min_p=generation.min_p, eos_token_ids=eos, pad_token_id=generation.pad_token_id)
+
+
+@contextlib.contextmanager
+def _generate_replaced(model: Any, generate: Callable[..., Any]) -> Iterator[None]:
+    """``model.generate`` is ``generate`` for the duration (an instance attribute over the class's method)."""
+    previous = model.__dict__.get("generate")
+    model.generate = generate
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.generate
+        else:
+            model.generate = previous
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class RolloutTrainer:
+    """What training adds to the backend's ``GRPOTrainer``; ``trainer_class(base)`` mixes it over ``base``.
+
+    The only code that touches TRL's internals:
+
+    - ``rollout="static"``: completions come from ``decoding.RolloutDecoder``. TRL 0.22.2 generates inline in
+      ``_generate_and_score_completions`` with ``unwrapped_model.generate(input_ids, attention_mask, ...)`` on
+      left-padded prompts; for that call, the unwrapped model's ``generate`` is the decoder, which returns what
+      ``generate`` returns: the prompts as given, then the completions right-padded with the pad token (each
+      ending at its first EOS token or at ``max_completion_length``). TRL then builds the EOS mask, the
+      ``completion_ids`` lists for the rewards, the log-probabilities and the advantages exactly as for its own
+      ``generate``. The adapter is merged for the rollout (``merge_adapter``; default on CUDA) and recomputed from
+      the current weights every call, so no rollout samples a stale policy. Each call is seeded from the run's
+      seed, the process and the optimizer step, so a resumed run draws what an uninterrupted one would have;
+    - ``record_metric`` / ``has_unlogged_metrics``: TRL's per-step metric buffer (``_metrics``);
+    - ``save_checkpoint_now``: a full checkpoint at the current step (``_save_checkpoint``);
+    - ``profile=True``: per-step seconds of generation, reference pass, rewards, policy forward/backward and the
+      rest, logged as ``profile/*_s`` (the GPU is synchronised at each boundary).
+    """
+
+    def __init__(self, *args: Any, rollout: str = "generate", merge_adapter: bool | None = None,
+                 profile: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if rollout not in ROLLOUTS[1:]:
+            raise ValueError(f"rollout must be one of {ROLLOUTS[1:]} here (resolve 'auto' first), got {rollout!r}")
+        self.rollout = rollout
+        self.rollout_decoder: decoding.RolloutDecoder | None = None
+        self.rollout_info: dict[str, Any] = {}  # what the last static rollout ran (method, slots, CUDA graphs)
+        self._rollout_calls: dict[int, int] = {}
+        self._in_rollout = False
+        self.phase_seconds: dict[str, float] | None = None
+        if rollout == "static":
+            if getattr(self, "use_vllm", False) or getattr(self, "use_transformers_paged", False):
+                raise ValueError("rollout='static' generates with decoding.py: turn use_vllm and "
+                                 "use_transformers_paged off")
+            if merge_adapter is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                merge_adapter = self.accelerator.device.type == "cuda" and hasattr(unwrapped, "merge_adapter")
+            self.rollout_decoder = decoding.RolloutDecoder(static_rollout_settings(self.generation_config),
+                                                           merge_adapter=merge_adapter)
+        if profile:
+            self.phase_seconds = dict.fromkeys(("rollout", "reference", "rewards", "train_step"), 0.0)
+            self.add_callback(_phase_logger(self))
+
+    # -- metrics and checkpoints -------------------------------------------------------------------
+    def record_metric(self, name: str, value: float) -> None:
+        """Append to TRL's metric buffer: averaged over the logging step and logged beside ``reward``."""
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][name].append(float(value))
+
+    def has_unlogged_metrics(self) -> bool:
+        """True when training metrics are buffered for a step that has not been logged yet."""
+        return bool(self._metrics["train"])
+
+    def save_checkpoint_now(self) -> None:
+        """Save a full checkpoint (adapter, optimizer, scheduler, RNG states, trainer state) at this step."""
+        self._save_checkpoint(self.model, trial=None)
+
+    # -- rollouts ----------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: Any) -> Any:
+        self._in_rollout = True
+        try:
+            with self._timed("rollout"):
+                if self.rollout_decoder is None:
+                    return super()._generate_and_score_completions(inputs)
+                model = self.accelerator.unwrap_model(self.model_wrapped)
+                calls = self.rollout_decoder.calls
+                with _generate_replaced(model, lambda **kwargs: self._static_generate(model, **kwargs)):
+                    output = super()._generate_and_score_completions(inputs)
+                if self.rollout_decoder.calls == calls:
+                    raise RuntimeError("rollout='static': TRL generated without calling model.generate (a TRL "
+                                       "version this trainer does not know); use rollout='generate'")
+                return output
+        finally:
+            self._in_rollout = False
+
+    def _static_generate(self, model: Any, input_ids: Any, attention_mask: Any, **_: Any) -> Any:
+        """``model.generate``'s result for left-padded prompts: prompts, then right-padded completions."""
+        import torch
+
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        info: dict[str, Any] = {}
+        completions = self.rollout_decoder.generate(model, prompts, seed=self._rollout_seed(), info=info)
+        self.rollout_info = info
+        block = torch.full((len(prompts), max(len(c) for c in completions)), self.generation_config.pad_token_id,
+                           dtype=input_ids.dtype)
+        for row, ids in enumerate(completions):
+            block[row, :len(ids)] = torch.tensor(ids, dtype=input_ids.dtype)
+        return torch.cat([input_ids, block.to(input_ids.device)], dim=1)
+
+    def _rollout_seed(self) -> int:
+        """A seed per (run seed, process, optimizer step, call within the step): reproducible, and the same
+        after a resume, which restores the step."""
+        import numpy as np
+
+        step = self.state.global_step
+        call = self._rollout_calls.get(step, 0)
+        self._rollout_calls[step] = call + 1
+        entropy = [int(self.args.seed) & 0xFFFFFFFF, self.accelerator.process_index, step, call]
+        return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+    # -- profiling (profile=True) --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        if self.phase_seconds is None:
+            yield
+            return
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize()
+            self.phase_seconds[phase] += time.perf_counter() - start
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._timed("train_step"):
+            return super().training_step(*args, **kwargs)
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:
+        with self._timed("rewards"):
+            return super()._calculate_rewards(*args, **kwargs)
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._in_rollout:  # the policy's own forward (with gradients): part of training_step
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        with self._timed("reference"):  # reference model (and the old policy, when TRL needs it)
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+    def _log_phases(self, step_seconds: float) -> None:
+        seconds = self.phase_seconds
+        phases = {"generation": seconds["rollout"] - seconds["reference"] - seconds["rewards"],
+                  "reference": seconds["reference"], "rewards": seconds["rewards"],
+                  "policy": seconds["train_step"] - seconds["rollout"],
+                  "other": step_seconds - seconds["train_step"], "step": step_seconds}
+        for name, value in phases.items():
+            self._metrics["train"][f"profile/{name}_s"].append(value)
+        self.phase_seconds = dict.fromkeys(seconds, 0.0)
+
+
+def _phase_logger(trainer: RolloutTrainer) -> Any:
+    """The callback that closes each optimizer step's phase times (``profile=True``)."""
+    from transformers import TrainerCallback
+
+    class PhaseLogger(TrainerCallback):
+        start = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _synchronize()
+            trainer._log_phases(time.perf_counter() - self.start)
+
+    return PhaseLogger()
+
+
+_TRAINER_CLASSES: dict[type, type] = {}
+
+
+def trainer_class(base: type) -> type:
+    """``RolloutTrainer`` mixed over ``base``: TRL's ``GRPOTrainer``, or the class Unsloth puts in its place
+    (built per base when first asked, since Unsloth replaces ``trl.GRPOTrainer`` when it is imported). Takes
+    GRPOTrainer's arguments plus ``rollout`` (``vllm``, ``static`` or ``generate``), ``merge_adapter`` and
+    ``profile``."""
+    if base not in _TRAINER_CLASSES:
+        _TRAINER_CLASSES[base] = type(f"{base.__name__}WithRollouts", (RolloutTrainer, base),
+                                      {"__doc__": RolloutTrainer.__doc__, "__module__": __name__})
+    return _TRAINER_CLASSES[base]
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 
@@ -923,13 +1222,13 @@ def _save_emergency_checkpoint(trainer, checkpoints_dir: Path,
         _restore_rng(snapshot[1])
         trainer.state.num_input_tokens_seen = snapshot[2]
     logged = [entry.get("step") for entry in trainer.state.log_history]
-    if step not in logged and trainer._metrics["train"]:
+    if step not in logged and trainer.has_unlogged_metrics():
         # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
         trainer.log({})
     # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
     limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
     try:
-        trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.save_checkpoint_now()
     finally:
         trainer.args.save_total_limit = limit
     mark_checkpoint_complete(target)
@@ -1138,19 +1437,16 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     """
     original = config
     config = resolve_config(config)
-    if config is not original and config.smoke:
-        print(f"Smoke mode ({'no CUDA GPU' if not runtime.has_cuda() else 'requested'}): tiny random Qwen2, "
-              f"{config.train_size} questions, {config.max_steps} GRPO steps, {config.max_completion_length}-token "
-              f"completions, backend trl — not a real training run.", flush=True)
-        replaced = smoke_overrides(original)
-        if replaced:
-            print("Smoke mode replaced: " + ", ".join(f"{name} {given!r} -> {value!r}"
-                                                      for name, (given, value) in replaced.items()), flush=True)
+    smoke_reason = ("no CUDA GPU" if not runtime.has_cuda() else "requested") if config is not original else None
+    replaced = smoke_overrides(original) if smoke_reason is not None else {}
+    if replaced and runtime.rank() == 0:  # said before any check can stop the run
+        print("Smoke mode replaced: " + ", ".join(f"{name} {given!r} -> {value!r}"
+                                                  for name, (given, value) in replaced.items()), flush=True)
     check_config(config)  # before anything heavy: a bad configuration fails in seconds
     planned = _planned_dir(config)
     created = [] if planned is None else [p for p in (planned, *planned.parents) if not p.exists()]
     try:
-        return _train(config, callbacks)
+        return _train(config, callbacks, smoke_reason)
     except BaseException:
         for path in created:  # a run that failed before writing anything leaves no folder behind
             try:
@@ -1160,7 +1456,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
         raise
 
 
-def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
+def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: str | None = None) -> TrainResult:
     output_dir = run_output_dir(config)
     checkpoints_dir = output_dir / "checkpoints"
     saved_run = _read_json(output_dir / "run_config.json") or {}
@@ -1204,11 +1500,15 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
                                                              for name, (old, new) in changes.items()), flush=True)
 
     runtime.import_wandb_early()
-    backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
+    if config.backend == "auto" and config.rollout in ("static", "generate"):  # Unsloth generates with vLLM only
+        backend, reason = "trl", f"rollout {config.rollout!r} runs on trl"
+    else:
+        backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
+    rollout, rollout_reason = resolve_rollout(config, backend)
     precision = resolve_precision(config.precision)
     rank = runtime.rank()
-    if config.backend == "auto" and backend == "trl" and rank == 0:
-        print(f"Backend: trl ({reason})", flush=True)
+    if rank == 0:
+        print(startup_line(config, backend, reason, rollout, rollout_reason, smoke_reason), flush=True)
 
     import torch  # noqa: F401  (after unsloth)
     from transformers import set_seed
@@ -1238,7 +1538,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         if rank == 0:
             print(f"Weights & Biases: {mode}" + ("" if mode == "online" else
                   f" (sync later: wandb sync {output_dir}/wandb/offline-run-*)"), flush=True)
-    use_vllm = backend == "unsloth" or (_vllm_available() and config.model != runtime.TINY_MODEL)
+    use_vllm = rollout == "vllm"
     peft_config = None
     if backend == "unsloth":
         share = config.vllm_gpu_memory_utilization or 0.6
@@ -1247,8 +1547,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         model, peft_config = _load_trl_model(config, tokenizer, precision)
         trainer_tokenizer = tokenizer
     if rank == 0:
-        generation = "vLLM" if use_vllm else "transformers generate"
-        print(f"Training {config.method} (λ={config.lam}) with {backend} + {generation}, {precision}, "
+        print(f"Training {config.method} (λ={config.lam}) with {backend} + {ROLLOUT_LABELS[rollout]}, {precision}, "
               f"{runtime.world_size()} process(es) -> {output_dir}", flush=True)
 
     monitor = RewardMonitor(config.num_generations, config.max_completion_length, live_view=config.live_view,
@@ -1261,17 +1560,19 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     # PEFT draws the LoRA weights inside GRPOTrainer(), before the trainer seeds anything: seed here, so that the
     # same seed gives the same adapter (and, on the CPU, the same run).
     set_seed(config.seed)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                          processing_class=trainer_tokenizer, peft_config=peft_config,
-                          callbacks=[keeper, *(callbacks or [])])
+    trainer = trainer_class(GRPOTrainer)(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                                         processing_class=trainer_tokenizer, peft_config=peft_config,
+                                         callbacks=[keeper, *(callbacks or [])], rollout=rollout,
+                                         merge_adapter=config.rollout_merge_adapter, profile=config.profile_steps)
     monitor.attach(trainer)
     keeper.trainer = trainer
 
-    run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "precision": precision,
-           "num_processes": runtime.world_size(), "use_vllm": use_vllm}
+    run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "rollout": rollout,
+           "rollout_reason": rollout_reason, "precision": precision, "num_processes": runtime.world_size(),
+           "use_vllm": use_vllm}
     if rank == 0:
         last = (saved_run.get("sessions") or [{}])[-1]
-        for key in ("backend", "precision"):
+        for key in ("backend", "rollout", "precision"):
             if last.get(key) not in (None, run[key]):
                 print(f"Warning: this session trains with {key} {run[key]!r}, the previous one with {last[key]!r}",
                       file=sys.stderr, flush=True)
@@ -1279,7 +1580,8 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
         sessions = [*(saved_run.get("sessions") or []), {
             "session": session["session"], "started": session["started"], "start_step": start_step,
             "resumed_from": str(resume_from) if resume_from else None, "changed": changes,
-            **{key: run[key] for key in ("backend", "backend_reason", "precision", "num_processes", "use_vllm")},
+            **{key: run[key] for key in ("backend", "backend_reason", "rollout", "rollout_reason", "precision",
+                                         "num_processes", "use_vllm")},
             "versions": runtime.library_versions()}]
         run["sessions"] = sessions
         _write_json(output_dir / "run_config.json", run)

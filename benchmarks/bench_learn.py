@@ -92,7 +92,6 @@ def plot(series: dict[str, list[float]], path: Path) -> None:
         window = 10
         smooth = [statistics.fmean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
         fit = trend(values)
-        start = fit["first_tenth_mean"]
         axis.plot(xs, values, color="0.75", linewidth=0.8, label="per step")
         axis.plot(xs, smooth, color="C0", label=f"mean of {window}")
         mean_x = statistics.fmean(xs)
@@ -103,21 +102,20 @@ def plot(series: dict[str, list[float]], path: Path) -> None:
         axis.set_title(key.replace("_", " "))
         axis.set_xlabel("step")
         axis.legend(fontsize=7)
-        _ = start
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> None:
-    import metrics
-
     import evaluation
+    import metrics
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = training.TrainConfig(
-        method=args.method, model=args.model, tokenizer=args.model, gsm8k_dir=args.gsm8k_dir, backend="trl",
-        rollout="static", smoke=False, precision="bf16", max_steps=args.steps, train_size=args.steps * 2,
+        method=args.method, model=args.model, tokenizer=args.tokenizer or args.model,
+        gsm8k_dir=args.gsm8k_dir, backend="trl",
+        rollout="static", smoke=False, precision=args.precision, max_steps=args.steps, train_size=args.steps * 2,
         max_completion_length=args.max_completion_length, learning_rate=args.learning_rate,
         warmup_ratio=0.05, save_steps=100, report_to="none", live_view=False, output_dir=str(out / "run"))
     started = time.perf_counter()
@@ -132,20 +130,22 @@ def run(args: argparse.Namespace) -> None:
     summaries = {}
     for name, adapter in (("untrained", None), ("trained", str(result.adapter_dir))):
         eval_config = evaluation.EvalConfig(
-            model=args.model, tokenizer=args.model, adapter=adapter, limit=args.eval_questions, smoke=False,
+            model=args.model, tokenizer=args.tokenizer or args.model, adapter=adapter, limit=args.eval_questions,
+            smoke=False,
             max_new_tokens=args.max_completion_length, gsm8k_dir=args.gsm8k_dir, output_dir=str(out / name))
         summaries[name] = evaluation.evaluate(eval_config)
-    paths = {name: evaluation.result_paths(out / name)[0] for name in summaries}
+    paths = {name: metrics.result_paths(out / name)[0] for name in summaries}
     comparison = metrics.compare_runs(paths["untrained"], paths["trained"], labels=("untrained", "trained"))
     deviation = {}
     for name, path in paths.items():
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         deviation[name] = statistics.fmean(abs(r["length"] - r["reference_length"]) for r in records
                                            if r.get("reference_length") is not None) if records else None
-    report.update({"evaluation": {name: {k: s.get(k) for k in ("accuracy", "format_accuracy", "mean_length",
-                                                                 "n", "backend", "seconds")}
-                                  for name, s in summaries.items()},
-                   "mean_abs_reference_deviation": deviation, "comparison": comparison,
+    evaluated = {name: {"metrics": {key: summary["metrics"].get(key)
+                                    for key in ("accuracy", "format_accuracy", "mean_length", "n")},
+                        "backend": summary["backend"], "timing": summary["timing"]}
+                 for name, summary in summaries.items()}
+    report.update({"evaluation": evaluated, "mean_abs_reference_deviation": deviation, "comparison": comparison,
                    "curves": series})
     (out / "learn.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1, default=str), flush=True)
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: bench_learn.py {convert GGUF FOLDER | run --model FOLDER ...} (see the docstring)")
     parser = argparse.ArgumentParser(prog="bench_learn.py run")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--tokenizer", default=None, help="default: the model's folder")
+    parser.add_argument("--precision", default="auto")
     parser.add_argument("--gsm8k-dir", default=None)
     parser.add_argument("--method", default="ans_len")
     parser.add_argument("--steps", type=int, default=200)

@@ -5,6 +5,8 @@ Not a test: run it on a GPU and copy the numbers into BENCHMARKS.md ("## Trainin
     python benchmarks/bench_train.py make-model /tmp/qwen05b            # random 0.5B-shaped model, fp16
     python benchmarks/bench_train.py run --model /tmp/qwen05b --tokenizer TOK --gsm8k-dir DIR \\
         --layouts 4x4,8x2 --steps 3 --memory-gib 15 --out train_bench.json
+    python benchmarks/bench_train.py rollouts --model /tmp/qwen05b --tokenizer TOK --gsm8k-dir DIR \\
+        --steps 3 --memory-gib 15 --out rollouts_bench.json
     accelerate launch --config_file configs/accelerate_2gpu.yaml benchmarks/bench_train.py dist \\
         --model /tmp/qwen05b --tokenizer TOK --gsm8k-dir DIR --method group --max-steps 3 --out dist.json
 
@@ -17,14 +19,35 @@ backend with transformers generation is used (vLLM off), fp16 as on a T4.
 A layout ``PxS`` is per_device_train_batch_size x steps_per_generation (completions per micro-batch x
 micro-batches per optimizer step); with 8 completions per question, 4x4 and 8x2 both give 16 completions
 (2 whole groups) per optimizer step.
+
+``rollouts`` compares the rollout generators side by side in one process, default configuration (4x4, fp16,
+LoRA r16, gradient checkpointing, the group method), each row a fresh ``training.train``:
+
+- ``generate``: TRL's plain ``model.generate`` (``rollout="generate"``);
+- ``static``: the project's static KV-cache/CUDA-graph decoder (``rollout="static"``, adapter merged on CUDA);
+- ``trl_static_cache``: TRL's own option, ``generate`` with ``cache_implementation="static"``.
+
+Two cases: ``worst``, where the EOS token can never be sampled (every completion runs to 512 tokens), and
+``realistic``, where EOS is forced like a real model ends its answers: from absolute position ``--eos-after``
+(prompt + completion tokens; GSM8K prompts are 58-169 tokens) each generated token is EOS with probability
+1 / ``--eos-every``, else EOS cannot be sampled. With the defaults (200, 80) completions average about 183
+tokens (median ~160, 90th percentile ~290, ~0.7% reach 512). Both are forward hooks on the policy's output
+layer that change generation only (forwards over whole completions, i.e. the loss and the reference pass, are
+untouched), the same for every row. Each step is split (``TrainConfig.profile_steps``) into generation,
+policy forward/backward, reference pass, rewards and the rest (optimizer, logging); the first step (CUDA-graph
+capture, warm-up) is reported but left out of the means.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
+import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -127,12 +150,15 @@ def environment() -> dict:
     return {"gpu": gpu, "gpus": torch.cuda.device_count(), "versions": versions}
 
 
-def bench_config(args, per_device: int, steps_per_generation: int, method: str, output: Path):
-    return training.TrainConfig(
-        method=method, model=args.model, tokenizer=args.tokenizer, gsm8k_dir=args.gsm8k_dir, backend="trl",
-        smoke=False, precision=args.precision, per_device_train_batch_size=per_device,
+def bench_config(args, per_device: int, steps_per_generation: int, method: str, output: Path,
+                 rollout: str = "generate", **changes):
+    model = runtime.TINY_MODEL if args.model == "tiny" else args.model
+    config = training.TrainConfig(
+        method=method, model=model, tokenizer=args.tokenizer, gsm8k_dir=args.gsm8k_dir, backend="trl",
+        rollout=rollout, smoke=False, precision=args.precision, per_device_train_batch_size=per_device,
         steps_per_generation=steps_per_generation, max_steps=args.steps, train_size=400, save_steps=10_000,
-        report_to="none", live_view=False, output_dir=str(output), grpo_overrides={"use_vllm": False})
+        report_to="none", live_view=False, output_dir=str(output))
+    return dataclasses.replace(config, **changes)
 
 
 def run(args) -> None:
@@ -196,10 +222,130 @@ def dist(args, parser_args) -> None:
         print(json.dumps({k: v for k, v in report.items() if k != "group_owners_per_step"}), flush=True)
 
 
+# --------------------------------------------------------------------------------------------------
+# Rollout generators side by side
+# --------------------------------------------------------------------------------------------------
+
+ROWS = {  # row: (TrainConfig.rollout, extra GRPOConfig arguments)
+    "generate": ("generate", {}),
+    "static": ("static", {}),
+    "trl_static_cache": ("generate", {"cache_implementation": "static"}),
+}
+PHASES = ("generation", "policy", "reference", "rewards", "other")
+
+
+def forced_eos(eos_after: int | None, eos_every: float | None):
+    """A TrainerCallback that hooks the policy when training begins: in generation forwards (logits for one
+    position per row), the EOS logit becomes -inf (never sampled), or, from absolute position ``eos_after``
+    on, ``log(sum of the other tokens' exp) + log(p / (1 - p))`` with ``p = 1 / eos_every``, so that EOS is
+    sampled with probability p at temperature 1. ``eos_every=None``: the worst case, no completion ends early.
+    The positions come from the ``position_ids`` the decoder layer stack receives (both ``generate`` and the
+    static decoder pass them), so the hook is graph-safe: no host synchronisation."""
+    import torch
+    from transformers import TrainerCallback
+
+    bias = None if eos_every is None else math.log((1 / eos_every) / (1 - 1 / eos_every))
+
+    class ForcedEOS(TrainerCallback):
+        def __init__(self):
+            self.handles: list = []
+
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+            lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            eos = processing_class.eos_token_id
+            seen: dict = {}
+
+            def remember(module, positional, keywords):
+                seen["positions"] = keywords.get("position_ids")
+
+            def force(module, inputs, logits):
+                if logits.dim() == 3 and logits.shape[-2] != 1:
+                    return None  # a forward over whole completions (loss, reference pass): untouched
+                rows = logits.reshape(logits.shape[0], -1)
+                value = torch.full((rows.shape[0],), float("-inf"), device=logits.device)
+                if bias is not None:
+                    positions = seen.get("positions")
+                    if positions is None:
+                        raise RuntimeError("forced_eos: the decoder received no position_ids")
+                    after = positions.reshape(rows.shape[0], -1)[:, -1] + 1 >= eos_after
+                    value = torch.where(after, rows.float().logsumexp(-1) + bias, value)
+                out = logits.clone()
+                out.reshape(rows.shape)[:, eos] = value.to(out.dtype)
+                return out
+
+            self.handles = [lm.get_decoder().register_forward_pre_hook(remember, with_kwargs=True),
+                            lm.get_output_embeddings().register_forward_hook(force)]
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+
+    return ForcedEOS()
+
+
+def phase_means(history: list[dict]) -> dict:
+    """Mean seconds of each profiled phase over the warm steps (every step but the first, if there are more)."""
+    steps = [e for e in history if "profile/step_s" in e]
+    warm = steps[1:] or steps
+    return {f"{name}_s": round(sum(e[f"profile/{name}_s"] for e in warm) / len(warm), 3) for name in PHASES}
+
+
+def rollouts(args) -> None:
+    import torch
+
+    runtime.import_wandb_early()
+    cap_memory(args.memory_gib)
+    cases = {"worst": (None, None), "realistic": (args.eos_after, args.eos_every)}
+    report = {"memory_cap_gib": args.memory_gib, **environment(), "layout": "4x4", "method": args.method,
+              "max_completion_length": args.max_completion_length, "steps": args.steps,
+              "realistic_eos": {"after": args.eos_after, "every": args.eos_every}, "rows": []}
+    out = Path(args.out)
+    for case in args.cases.split(","):
+        baseline = None
+        for name in args.rows.split(","):
+            rollout, overrides = ROWS[name]
+            folder = Path(args.workdir) / f"{case}-{name}"
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resume
+            config = bench_config(args, 4, 4, args.method, folder, rollout=rollout, profile_steps=True,
+                                  max_completion_length=args.max_completion_length, grpo_overrides=overrides)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            timer = step_timer()
+            row = {"case": case, "row": name, "rollout": rollout, "grpo_overrides": overrides,
+                   "completions_per_step": 16}
+            try:
+                result = training.train(config, callbacks=[timer, forced_eos(*cases[case])])
+                summary = summarise(timer, result.log_history, 16)
+                row.update({"mean_step_seconds": summary["mean_step_seconds"],
+                            **phase_means(result.log_history),
+                            "peak_allocated_gib": summary["peak_allocated_gib"],
+                            "peak_reserved_gib": summary["peak_reserved_gib"],
+                            "completions_per_s": round(16 / summary["mean_step_seconds"], 2),
+                            "mean_completion_length": summary["mean_completion_length"],
+                            "generated_tokens_per_s": summary["generated_tokens_per_s"],
+                            "step_seconds": summary["step_seconds"],
+                            "hours_for_2000_steps": summary["hours_for_2000_steps"]})
+                del result
+            except torch.OutOfMemoryError as error:
+                row.update({"oom": True, "error": str(error).splitlines()[0][:300], "step_seconds": timer.seconds,
+                            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)})
+            if name == "generate" and "mean_step_seconds" in row:
+                baseline = row["mean_step_seconds"]
+            if baseline and "mean_step_seconds" in row:
+                row["speedup_vs_generate"] = round(baseline / row["mean_step_seconds"], 2)
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(report, indent=2))  # after every row: a timeout keeps what is done
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in {"make-model", "run", "dist"}:
-        raise SystemExit("usage: bench_train.py {make-model FOLDER | run ... | dist ...} (see the docstring)")
+    if not argv or argv[0] not in {"make-model", "run", "rollouts", "dist"}:
+        raise SystemExit("usage: bench_train.py {make-model FOLDER | run ... | rollouts ... | dist ...} "
+                         "(see the docstring)")
     command, rest = argv[0], argv[1:]
     if command == "make-model":
         make_model(rest[0])
@@ -217,6 +363,24 @@ def main(argv=None) -> None:
         parser.add_argument("--workdir", default="/tmp/bench_train")
         parser.add_argument("--out", default="train_bench.json")
         run(parser.parse_args(rest))
+        return
+    if command == "rollouts":
+        parser = argparse.ArgumentParser(prog="bench_train.py rollouts")
+        parser.add_argument("--model", required=True, help="model folder, or 'tiny' for a CPU dry run")
+        parser.add_argument("--tokenizer", default=None)
+        parser.add_argument("--gsm8k-dir", default=None)
+        parser.add_argument("--method", default="group")
+        parser.add_argument("--rows", default=",".join(ROWS))
+        parser.add_argument("--cases", default="worst,realistic")
+        parser.add_argument("--steps", type=int, default=3)
+        parser.add_argument("--precision", default="fp16")
+        parser.add_argument("--max-completion-length", type=int, default=512)
+        parser.add_argument("--eos-after", type=int, default=200)
+        parser.add_argument("--eos-every", type=float, default=80.0)
+        parser.add_argument("--memory-gib", type=float, default=15.0)
+        parser.add_argument("--workdir", default="/tmp/bench_rollouts")
+        parser.add_argument("--out", default="rollouts_bench.json")
+        rollouts(parser.parse_args(rest))
         return
     # dist: training.py's own options, plus where to write and the memory cap
     parser = training.build_parser()

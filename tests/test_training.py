@@ -212,7 +212,8 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
     result = subprocess.run([sys.executable, str(REPO / "training.py")], cwd=tmp_path,
                             capture_output=True, text=True, env=_env(LENGTHRL_SMOKE="1"), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Smoke mode" in result.stdout
+    # The run's first line: smoke mode, and which rollout generator runs and why.
+    assert result.stdout.splitlines()[0].startswith("Smoke mode (no CUDA GPU): rollouts static (vLLM not used: ")
     assert "── step 2: 8 completions in 2 groups" in result.stdout
     run = tmp_path / "outputs" / "Baseline-smoke"
     adapter = run / "adapter"
@@ -220,6 +221,7 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
         assert (adapter / name).is_file(), name
     record = json.loads((adapter / "run_config.json").read_text())
     assert record["global_step"] == 2 and record["train_seconds"] > 0 and record["backend"] == "trl"
+    assert record["rollout"] == "static" and record["rollout_reason"].startswith("vLLM not used: ")
     assert record["config"]["method"] == "baseline" and record["config"]["smoke"] is True
     history = json.loads((run / "log_history.json").read_text())
     steps = [entry for entry in history if "accuracy" in entry]
@@ -365,6 +367,12 @@ def test_two_processes_give_the_same_group_rewards(tmp_path, tokenizer_dir, gsm8
             assert batch["penalties"] != pytest.approx(single, abs=1e-7)
     # 2) A real 2-process GRPO step through training.train: every group was whole on its process.
     assert report["whole_groups"] == [1.0]
+    # ...and each process generated its own whole group through the static decoder (one call, 4 x one prompt).
+    assert report["rollout"] == "static"
+    assert [len(calls) for calls in report["rollout_calls"]] == [1, 1]
+    groups = [calls[0] for calls in report["rollout_calls"]]
+    assert all(len(group) == 4 and len(set(map(tuple, group))) == 1 for group in groups)
+    assert groups[0][0] != groups[1][0]
     owners: dict[int, set[int]] = {}
     for qid, process in zip(report["question_ids"], report["processes"]):
         owners.setdefault(qid, set()).add(process)
@@ -440,14 +448,30 @@ def _distributed_worker(out: Path) -> None:
                                   for i, c, a, t, p in zip(ids, completions, answers, completion_ids, penalties)])
         report[name] = {key: [row[key] for row in gathered] for key in
                         ("question_id", "completions", "answer", "completion_ids", "penalties", "process")}
-    # A real GRPO step on both processes through training.train (2 questions, one per process).
+    # A real GRPO step on both processes through training.train (2 questions, one per process), rollouts from
+    # the static decoder; a spy (the real method runs) records the prompts each process generates.
+    import decoding
+
+    rollout_calls: list[list[list[int]]] = []
+    generate = decoding.RolloutDecoder.generate
+
+    def spy(self, model, prompts, *args, **kwargs):
+        rollout_calls.append([list(p) for p in prompts])
+        return generate(self, model, prompts, *args, **kwargs)
+
+    decoding.RolloutDecoder.generate = spy
     config = training.TrainConfig(model=runtime.TINY_MODEL, backend="trl", smoke=False, method="group",
+                                  rollout="static",
                                   train_size=8, num_generations=4, per_device_train_batch_size=2,
                                   steps_per_generation=2, max_completion_length=8, max_steps=1, save_steps=1,
                                   precision="fp32", gradient_checkpointing=False, report_to="none",
                                   live_view=rank == 0, output_dir=str(out / "run"))
     result = training.train(config)
+    decoding.RolloutDecoder.generate = generate
+    everyone = gather_object([rollout_calls])
     if rank == 0:
+        report["rollout_calls"] = everyone
+        report["rollout"] = json.loads((out / "run" / "adapter" / "run_config.json").read_text())["rollout"]
         report["whole_groups"] = [e["whole_groups"] for e in result.log_history if "whole_groups" in e]
         batch = json.loads((out / "run" / "batches.jsonl").read_text().splitlines()[0])
         report["question_ids"], report["processes"] = batch["question_ids"], batch["processes"]
