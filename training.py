@@ -611,12 +611,7 @@ def resolve_backend(requested: str, use_vllm: bool = True) -> tuple[str, str]:
     problem = _unsloth_problem(use_vllm)
     if problem is None:
         return "unsloth", "requested" if requested == "unsloth" else "Unsloth imported and patched TRL"
-    stage, why = problem
-    if stage == "import" and not _trl_patched_by_unsloth():
-        if requested == "auto":
-            return "trl", f"Unsloth not used: {why}"
-        raise StageFailure("import", why, f"set {_BACKEND_TRL} and run again")
-    raise StageFailure(stage, why, f"set {_BACKEND_TRL}, restart the runtime and run again")
+    return backend_after_unsloth_failure(requested, *problem, trl_patched=_trl_patched_by_unsloth())
 
 
 def resolve_precision(precision: str) -> str:
@@ -811,6 +806,17 @@ def _trl_patched_by_unsloth() -> bool:
     return trl is not None and "Unsloth" in getattr(getattr(trl, "GRPOTrainer", None), "__name__", "")
 
 
+def backend_after_unsloth_failure(requested: str, stage: str, why: str, trl_patched: bool) -> tuple[str, str]:
+    """(backend, reason) after Unsloth failed at ``stage`` (``import`` or ``patch``), or ``StageFailure``: only
+    ``auto`` after an import that patched nothing goes on, with ``trl``. ``trl_patched``: whether Unsloth replaced
+    TRL's trainer in this process anyway (then only a restart gives plain TRL back)."""
+    if stage == "import" and not trl_patched:
+        if requested == "auto":
+            return "trl", f"Unsloth not used: {why}"
+        raise StageFailure(stage, why, f"set {_BACKEND_TRL} and run again")
+    raise StageFailure(stage, why, f"set {_BACKEND_TRL}, {_RESTART}")
+
+
 def _vllm_may_run(config: TrainConfig) -> bool:
     """Whether vLLM could generate this run's rollouts (installed, a CUDA GPU, a real model, a rollout setting
     that allows it): decides Unsloth's standby mode, which must be set before unsloth is imported."""
@@ -896,6 +902,16 @@ def _probe_generation(model: Any) -> None:
         raise RuntimeError(f"vLLM answered one prompt with {outputs!r}")
 
 
+def vllm_failure_note(stage: str, why: str, free_gib: float | None) -> str:
+    """The line that says Unsloth goes on without vLLM after its ``stage`` failed; ``StageFailure`` instead when
+    less than ``NO_VLLM_MIN_FREE_GIB`` of GPU memory came free (``free_gib``; None without a GPU)."""
+    if free_gib is not None and free_gib < NO_VLLM_MIN_FREE_GIB:
+        raise StageFailure(stage, f"{why}; afterwards only {free_gib:.1f} GiB of GPU memory were free (going on "
+                           f"without vLLM needs {NO_VLLM_MIN_FREE_GIB:g})", f"set {_ROLLOUT_STATIC}, {_RESTART}")
+    return (f"Unsloth's vLLM failed at stage '{stage}' ({why}): going on with Unsloth without fast inference and "
+            "the project's rollouts ('static')")
+
+
 @dataclass
 class UnslothStart:
     """What ``start_unsloth`` built: the model and tokenizer, the repo Unsloth loaded, whether vLLM generates,
@@ -934,13 +950,7 @@ def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
                 raise StageFailure(stage, why, f"set {_ROLLOUT_STATIC}, {_RESTART}") from error
             error.__traceback__ = None  # its frames hold the model and the engine: let them go
         model = tokenizer = None  # the half-started engine's memory must be freed before reloading
-        free = free_gpu_gib()
-        if free is not None and free < NO_VLLM_MIN_FREE_GIB:
-            raise StageFailure(stage, f"{why}; afterwards only {free:.1f} GiB of GPU memory were free "
-                               f"(going on without vLLM needs {NO_VLLM_MIN_FREE_GIB:g})", f"set {_ROLLOUT_STATIC}, "
-                               f"{_RESTART}")
-        note = (f"Unsloth's vLLM failed at stage '{stage}' ({why}): going on with Unsloth without fast inference "
-                "and the project's rollouts ('static')")
+        note = vllm_failure_note(stage, why, free_gpu_gib())
         out(note)
         notes.append(note)
         config = _with_static_rollout(config)
@@ -1404,6 +1414,9 @@ def _finish_wandb(config: TrainConfig) -> None:
 
     if wandb.run is not None:
         wandb.finish()
+    # wandb reads WANDB_DIR and WANDB_RUN_ID once per process (its setup singleton): without a teardown the next
+    # run's files and id would be this run's.
+    wandb.teardown()
 
 
 def _append_session(output_dir: Path, trainer, seconds: float, interrupted: bool) -> list[dict[str, Any]]:

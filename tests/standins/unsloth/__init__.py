@@ -2,7 +2,8 @@
 the GRPO arguments as the pinned source applies them, and a failure at exactly one stage of the start-up.
 
 Tests put ``tests/standins`` on ``sys.path`` and choose the failing stage with ``$STANDIN_UNSLOTH_FAIL``:
-``import``, ``patch``, ``load``, ``engine``, ``generate``, ``trainer`` or ``first_step`` (empty: nothing fails).
+``import``, ``patch``, ``load``, ``engine``, ``generate``, ``trainer`` or ``first_step`` (empty: nothing fails);
+``load`` fails loading with fast inference only, ``load_any`` every load.
 The model is the tiny random Qwen2 (``runtime.build_tiny_qwen2``), or a local model folder; ``fast_inference``
 attaches a stand-in vLLM engine. ``CALLS`` records the keyword arguments of every ``from_pretrained`` call.
 
@@ -225,7 +226,7 @@ class FastLanguageModel:
         resolved = model_name if use_exact_model_name else _mapped(model_name)
         if on_model_resolved is not None:
             on_model_resolved(resolved)
-        if fast_inference and FAIL == "load":
+        if FAIL == "load_any" or (fast_inference and FAIL == "load"):
             raise OSError(f"stand-in: {resolved} has no model.safetensors")
         engine = load_vllm(gpu_memory_utilization) if fast_inference else None
         tokenizer = runtime.load_tokenizer()
