@@ -1008,7 +1008,7 @@ def compare_arguments(first: dict[str, Any], second: dict[str, Any],
             "only_second": sorted(set(second) - set(first) - set(ignore))}
 
 
-def _stack_versions() -> dict[str, str]:
+def stack_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = runtime.library_versions()
@@ -1060,7 +1060,7 @@ def first_minutes_fields(config: TrainConfig, backend: tuple[str, str], precisio
         "backend": backend[0], "backend_reason": backend[1], "rollout": rollout[0], "rollout_reason": rollout[1],
         "precision": precision, "precision_reason": precision_reason(config.precision, precision,
                                                                       runtime.cuda_capability()),
-        "model": config.model, "model_effective": model_effective, "versions": _stack_versions(),
+        "model": config.model, "model_effective": model_effective, "versions": stack_versions(),
         "t4_vllm_environment": dict(t4_environment), "fallbacks": list(notes),
         "save_steps": config.save_steps, "save_to_drive": config.save_to_drive, "colab": runtime.in_colab(),
     }

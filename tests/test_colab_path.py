@@ -423,3 +423,28 @@ def test_evaluation_falls_back_from_unsloth_to_hf_on_the_same_model(standin, tmp
     plain, _ = unsloth.FastLanguageModel.from_pretrained(runtime.TINY_MODEL, fast_inference=False)
     plain.fast_generate = plain.generate
     assert evaluation._pick_backend(config, plain)[0] == "hf"
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU check script, dry-run with the stand-in
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_with_the_standin(tmp_path, tokenizer_dir, gsm8k_dir):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": f"{STANDINS}{os.pathsep}{REPO}", "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "check.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "check_unsloth.py"), "--model", runtime.TINY_MODEL, "--steps", "1",
+         "--max-completion-length", "8", "--eval-limit", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["ok"] and summary["unsloth"]["missing_metrics"] == [] and summary["unsloth"]["logged_steps"] == [1]
+    assert summary["unsloth"]["run_config"]["backend"] == "unsloth" and summary["trl"]["run_config"]["backend"] == "trl"
+    assert summary["effective_args_trl_vs_unsloth"]["different"] == {}
+    assert summary["eval_from_disk"]["n"] == summary["eval_in_memory"]["n"] == 2
+    assert "Effective trainer arguments, trl vs unsloth:" in completed.stdout
