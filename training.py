@@ -902,6 +902,21 @@ def _probe_generation(model: Any) -> None:
         raise RuntimeError(f"vLLM answered one prompt with {outputs!r}")
 
 
+def engine_memory_share(model: Any) -> float | None:
+    """The GPU memory share Unsloth's vLLM engine runs with (``gpu_memory_utilization`` of vLLM's cache config;
+    Unsloth's standby mode moves it to a tier of its own, unsloth_zoo 2026.10.9 vllm_utils.py, load_vllm); None
+    when it cannot be read."""
+    engine = getattr(model, "vllm_engine", None)
+    for path in (("llm_engine", "vllm_config", "cache_config"), ("llm_engine", "cache_config"), ()):
+        holder = engine
+        for name in path:
+            holder = getattr(holder, name, None)
+        share = getattr(holder, "gpu_memory_utilization", None)
+        if isinstance(share, (int, float)):
+            return float(share)
+    return None
+
+
 def vllm_failure_note(stage: str, why: str, free_gib: float | None) -> str:
     """The line that says Unsloth goes on without vLLM after its ``stage`` failed; ``StageFailure`` instead when
     less than ``NO_VLLM_MIN_FREE_GIB`` of GPU memory came free (``free_gib``; None without a GPU)."""
@@ -923,6 +938,7 @@ class UnslothStart:
     fast_inference: bool
     config: TrainConfig
     notes: list[str] = field(default_factory=list)
+    vllm_memory_share: float | None = None  # what the engine took (standby moves it), None without vLLM
 
 
 def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
@@ -942,7 +958,7 @@ def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
             model, tokenizer, repo = _load_unsloth_model(config, precision, fast_inference=True)
             stage = "generate"
             _probe_generation(model)
-            return UnslothStart(model, tokenizer, repo, True, config, notes)
+            return UnslothStart(model, tokenizer, repo, True, config, notes, engine_memory_share(model))
         except Exception as error:
             stage = "engine" if stage == "load" and _raised_in_vllm(error) else stage
             why = _why(error)
@@ -961,8 +977,13 @@ def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
     return UnslothStart(model, tokenizer, repo, False, config, notes)
 
 
-def trainer_failure(error: BaseException, use_vllm: bool) -> StageFailure:
-    """The one-line stop for an Unsloth trainer that could not be built (stage ``trainer``)."""
+def trainer_failure(error: BaseException, backend: str, use_vllm: bool) -> StageFailure | None:
+    """The one-line stop for a trainer that could not be built: vLLM's engine failing inside it (TRL colocate;
+    stage ``engine``), or Unsloth's trainer (stage ``trainer``); None for other errors of the ``trl`` backend."""
+    if use_vllm and _raised_in_vllm(error):
+        return StageFailure("engine", _why(error), f"set {_ROLLOUT_STATIC}, {_RESTART}")
+    if backend != "unsloth":
+        return None
     return StageFailure("trainer", _why(error), f"set {_ROLLOUT_STATIC if use_vllm else _BACKEND_TRL}, {_RESTART}")
 
 
@@ -1054,10 +1075,12 @@ def project_run(seconds_per_step: float, steps_left: int, session_hours: float =
 
 
 def first_minutes_fields(config: TrainConfig, backend: tuple[str, str], precision: str, rollout: tuple[str, str],
-                         model_effective: str, notes: Sequence[str], t4_environment: dict[str, str]) -> dict[str, Any]:
+                         model_effective: str, notes: Sequence[str], t4_environment: dict[str, str],
+                         vllm_memory_share: float | None = None) -> dict[str, Any]:
     """The run-start fields of the first-minutes report (``format_first_minutes``) before the GPU is measured."""
     return {
         "backend": backend[0], "backend_reason": backend[1], "rollout": rollout[0], "rollout_reason": rollout[1],
+        "vllm_memory_share": vllm_memory_share,
         "precision": precision, "precision_reason": precision_reason(config.precision, precision,
                                                                       runtime.cuda_capability()),
         "model": config.model, "model_effective": model_effective, "versions": stack_versions(),
@@ -1111,6 +1134,8 @@ def format_first_minutes(fields: dict[str, Any]) -> str:
         "Versions   " + " · ".join(f"{name} {version}" for name, version in (fields.get("versions") or {}).items()
                                    if name in REPORTED_VERSIONS),
     ]
+    if fields.get("vllm_memory_share") is not None:
+        lines.append(f"vLLM       {fields['vllm_memory_share']:g} of the GPU memory")
     if fields.get("t4_vllm_environment"):
         settings = " ".join(f"{name}={value}" for name, value in fields["t4_vllm_environment"].items())
         lines.append(f"T4 vLLM    {settings} (unverified on a T4)")
@@ -1313,11 +1338,12 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
                                     budget=config.budget, budget_in_prompt=config.budget_in_prompt)
     use_vllm = vllm_wanted(config, backend)
     peft_config = None
-    model_effective, notes = config.model, []
+    model_effective, notes, vllm_share = config.model, [], None
     if backend == "unsloth":  # stage by stage; without vLLM (absent, or failed to start) fast_inference=False
         started = start_unsloth(config, precision, fast_inference=use_vllm)
         model, trainer_tokenizer, model_effective = started.model, started.tokenizer, started.model_repo
         use_vllm, config, notes = started.fast_inference, started.config, started.notes
+        vllm_share = started.vllm_memory_share
     else:
         model, peft_config = _load_trl_model(config, tokenizer, precision)
         trainer_tokenizer = tokenizer
@@ -1332,19 +1358,22 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     arguments = grpo_arguments(config, checkpoints_dir, backend, precision, use_vllm,
                                run_name=config.resolved_folder())
     args = GRPOConfig(**arguments)
+    if use_vllm and backend == "trl":
+        vllm_share = arguments["vllm_gpu_memory_utilization"]
     report = FirstMinutesReport(
         first_minutes_fields(config, (backend, reason), precision,
                              rollout_choice(config, backend, use_vllm, notes[0] if notes else None),
-                             model_effective, notes, t4_environment),
+                             model_effective, notes, t4_environment, vllm_share),
         record_path=output_dir / "run_config.json" if rank == 0 else None)
     try:
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                               processing_class=trainer_tokenizer, peft_config=peft_config,
                               callbacks=[*(callbacks or []), report.callback()])
     except Exception as error:
-        if backend != "unsloth":
+        failure = trainer_failure(error, backend, use_vllm)
+        if failure is None:
             raise
-        raise trainer_failure(error, use_vllm) from error
+        raise failure from error
     monitor.attach(trainer)
     # What the run really trains with, after Unsloth's rewrites: compare_arguments of two runs' records.
     effective = effective_arguments(trainer)

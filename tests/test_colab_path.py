@@ -151,7 +151,7 @@ def test_vllm_that_starts_and_generates_is_kept(standin, tmp_path, tokenizer_dir
     started = training.start_unsloth(tiny_config(tmp_path, model="Qwen/Qwen2.5-0.5B-Instruct"), "fp32",
                                      fast_inference=True, out=pytest.fail)
     assert started.fast_inference is True and started.notes == []
-    assert started.model.vllm_engine is not None
+    assert started.model.vllm_engine is not None and started.vllm_memory_share == 0.6  # what the engine took
     # use_exact_model_name=True: the repo asked for, not Unsloth's copy (which the loader's mapper would pick).
     assert started.model_repo == "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -193,7 +193,20 @@ def test_a_trainer_that_cannot_be_built_stops_with_one_line(standin, tmp_path, t
     message = one_line(stopped)
     assert "stage 'trainer'" in message and "could not compile its GRPO loss" in message
     assert 'BACKEND = "trl"' in message and "restart the runtime" in message  # no vLLM: the trl backend
-    assert training.trainer_failure(RuntimeError("x"), use_vllm=True).fix.startswith('set ROLLOUT = "static"')
+    with_vllm = training.trainer_failure(RuntimeError("x"), "unsloth", use_vllm=True)
+    assert with_vllm.fix.startswith('set ROLLOUT = "static"')
+    assert training.trainer_failure(RuntimeError("x"), "trl", use_vllm=True) is None  # a TRL error keeps its traceback
+
+
+def test_a_vllm_engine_failing_inside_trls_trainer_stops_with_one_line(standin):
+    import vllm
+
+    try:
+        vllm.LLM("Qwen/Qwen2.5-0.5B-Instruct")  # what TRL's colocate mode does in GRPOTrainer.__init__
+    except RuntimeError as error:
+        failure = training.trainer_failure(error, "trl", use_vllm=True)
+    assert failure.stage == "engine" and failure.fix.startswith('set ROLLOUT = "static"')
+    assert "Engine core initialization failed" in str(failure)
 
 
 def test_out_of_memory_at_the_first_step_stops_with_the_setting_to_lower(standin, tmp_path, tokenizer_dir,
@@ -335,6 +348,7 @@ T4_FIELDS = {
     "versions": {"python": "3.12.11", "torch": "2.9.0", "trl": "0.22.2", "unsloth": "2026.10.9", "numpy": "2.0.2"},
     "t4_vllm_environment": {"UNSLOTH_VLLM_NO_FLASHINFER": "1", "VLLM_ATTENTION_BACKEND": "TRITON_ATTN"},
     "fallbacks": [], "save_steps": 50, "save_to_drive": False, "colab": True, "start_step": 0, "total_steps": 2000,
+    "vllm_memory_share": 0.76,
 }
 
 
@@ -351,6 +365,7 @@ def test_first_minutes_block_before_and_after_the_measurement():
     assert lines[1] == "GPU        Tesla T4, compute capability 7.5; 3.2 of 14.7 GiB free"
     assert "Precision  fp16 (compute capability 7.5 < 8.0: no bf16 in hardware)" in lines
     assert "Rollouts   vllm (Unsloth's fast inference started)" in lines
+    assert "vLLM       0.76 of the GPU memory" in lines
     assert "Versions   torch 2.9.0 · trl 0.22.2 · unsloth 2026.10.9" in lines  # the stack, not python/numpy
     assert "T4 vLLM    UNSLOTH_VLLM_NO_FLASHINFER=1 VLLM_ATTENTION_BACKEND=TRITON_ATTN (unverified on a T4)" in lines
     assert "Steps      2000" in lines and lines[-2].startswith("Step time  measured after step 2")
