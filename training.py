@@ -17,10 +17,17 @@ parameter); a parameter that no function of the method takes is an error.
 
 Backends
     ``unsloth``  Unsloth's FastLanguageModel: LoRA, Unsloth gradient checkpointing, vLLM fast inference
-                 sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``), fp16 on a T4.
+                 sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``) where vLLM is installed and starts,
+                 else without fast inference; fp16 on a T4.
     ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer; vLLM in colocate mode when vllm is installed
                  and a GPU is present, else transformers' ``generate``.
     ``auto``     Unsloth on CUDA when it imports and patches TRL cleanly, else ``trl`` (one line says why).
+Both backends pass the same trainer arguments, including those whose defaults Unsloth rewrites
+(``PINNED_ARGUMENTS``); ``run_config.json`` records the effective ones and the model repo really loaded. Every
+stage of Unsloth's start (``UNSLOTH_STAGES``) has a defined fallback: go on without vLLM, or stop in the first
+minutes with one line naming the stage and the change (``StageFailure``). When training begins, a first-minutes
+block (``format_first_minutes``) says which GPU, precision, backend and rollout generator run and why, and after
+step 2 the seconds a step and the projected hours against a Colab session.
 
 What a run costs (defaults: 4000 questions x 8 completions = 32,000 completions = 2000 optimizer steps of 16
 completions = 2 whole groups, at most 512 completion tokens). Measured (BENCHMARKS.md "## Training") on an H200 capped
