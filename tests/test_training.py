@@ -253,6 +253,7 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Smoke mode" in result.stdout
     assert "── step 2: 8 completions in 2 groups" in result.stdout
+    assert "── Run start" in result.stdout and "s a step (step 2" in result.stdout  # the first-minutes report
     run = tmp_path / "outputs" / "Baseline-smoke"
     adapter = run / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "run_config.json"):
