@@ -44,6 +44,7 @@ HISTOGRAM_FILES = {
     "reference_length": "answer_length_hist.png",
     "question_length": "question_length_hist.png",
 }
+STEP_PLOT_FILE = "answer_length_by_steps.png"
 _HISTOGRAM_LABELS = {"reference_length": "Answer (solution) tokens", "question_length": "Question tokens"}
 
 
@@ -64,20 +65,13 @@ def trimmed_max(values: Iterable[float], fraction: float = TRIM_FRACTION) -> flo
     return ordered[len(ordered) - 1 - dropped]
 
 
-def _resolve_tokenizer(tokenizer: Any):
-    """A tokenizer object as given; None -> the default; a path -> loaded from there."""
-    if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
-        return runtime.load_tokenizer(tokenizer)
-    return tokenizer
-
-
 def token_length_table(tokenizer: Any = None, gsm8k_dir: str | os.PathLike | None = None,
                        split: str = "train") -> dict[str, list[int]]:
     """Per-question columns ``steps``, ``question_length`` and ``reference_length`` (answer tokens).
 
     Tokenizes once; ``statistics_from_table`` and ``plot_histograms`` both work from this table.
     """
-    dataset = data.add_length_columns(data.load_gsm8k(split, gsm8k_dir), _resolve_tokenizer(tokenizer))
+    dataset = data.add_length_columns(data.load_gsm8k(split, gsm8k_dir), runtime.resolve_tokenizer(tokenizer))
     return {column: list(dataset[column]) for column in ("steps", "question_length", "reference_length")}
 
 
@@ -120,36 +114,53 @@ def compute_statistics(tokenizer: Any = None, gsm8k_dir: str | os.PathLike | Non
     return statistics_from_table(token_length_table(tokenizer, gsm8k_dir))
 
 
-def format_report(stats: dict[str, Any]) -> str:
-    """The study's printed summary and per-step table, rounded as the study prints them."""
+STEP_TABLE_HEADER = ("Steps", "Questions", "Mean", "Min", "Max", "Variance", "Trimmed Max (97.5%)")
+
+
+def format_summary(stats: dict[str, Any]) -> str:
+    """The study's printed length summaries and correlations (the report without the per-step table)."""
     lines = []
     for key, label in (("answer_tokens", "Answer tokens"), ("question_tokens", "Question tokens")):
         part = stats[key]
         lines.append(f"{label + ':':<17} mean {part['mean']:.4f}, min {part['min']}, max {part['max']}")
     lines.append(f"Pearson r (question length vs answer length): {stats['corr_question_answer']:.4f}")
     lines.append(f"Pearson r (step count vs answer length):      {stats['corr_steps_answer']:.4f}")
-    lines.append("")
-    header = ("Steps", "Questions", "Mean", "Min", "Max", "Variance", "Trimmed Max (97.5%)")
-    rows = [
+    return "\n".join(lines)
+
+
+def _step_rows(stats: dict[str, Any]) -> list[tuple[str, ...]]:
+    # One rounding (the study's) for the text table and the notebook table.
+    return [
         (step, f"{row['questions']}", f"{row['mean']:.2f}", f"{row['min']}", f"{row['max']}",
          "-" if row["variance"] is None else f"{row['variance']:.2f}", f"{row['trimmed_max']}")
         for step, row in stats["steps"].items()
     ]
-    widths = [max(len(cells[i]) for cells in (header, *rows)) for i in range(len(header))]
-    for cells in (header, *rows):
+
+
+def format_report(stats: dict[str, Any]) -> str:
+    """The study's printed summary and per-step table, rounded as the study prints them."""
+    lines = [format_summary(stats), ""]
+    rows = _step_rows(stats)
+    widths = [max(len(cells[i]) for cells in (STEP_TABLE_HEADER, *rows)) for i in range(len(STEP_TABLE_HEADER))]
+    for cells in (STEP_TABLE_HEADER, *rows):
         lines.append("  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True)))
     return "\n".join(lines)
 
 
-def plot_histograms(table: dict[str, Sequence[int]], out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
-                    bins: int = 50) -> list[Path]:
-    """Histograms of answer and question token lengths as PNG files; returns their paths."""
+def step_table_frame(stats: dict[str, Any]) -> Any:
+    """The per-step table for notebooks: ``format_report``'s rows, rounded as the study prints them, as a pandas
+    DataFrame indexed by step count."""
+    import pandas as pd
+
+    return pd.DataFrame(_step_rows(stats), columns=STEP_TABLE_HEADER).set_index("Steps")
+
+
+def histogram_figures(table: dict[str, Sequence[int]], bins: int = 50) -> dict[str, Any]:
+    """Histograms of answer and question token lengths, ``{file name: matplotlib Figure}``."""
     # The object API needs no GUI backend, so this works the same headless, in a CLI and in Colab.
     from matplotlib.figure import Figure
 
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    figures = {}
     for column, filename in HISTOGRAM_FILES.items():
         values = table[column]
         figure = Figure(figsize=(7, 4), layout="constrained")
@@ -161,28 +172,78 @@ def plot_histograms(table: dict[str, Sequence[int]], out_dir: str | os.PathLike 
         axes.set_ylabel("Questions")
         axes.set_title(f"GSM8K: {_HISTOGRAM_LABELS[column].lower()} (n = {len(values)} questions)")
         axes.legend()
-        path = folder / filename
-        figure.savefig(path, dpi=120)
-        paths.append(path)
+        figures[filename] = figure
+    return figures
+
+
+def _save_figures(figures: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for filename, figure in figures.items():
+        figure.savefig(folder / filename, dpi=120)
+        paths.append(folder / filename)
     return paths
 
 
-def _in_notebook() -> bool:
-    return "ipykernel" in sys.modules or runtime.in_colab()
+def plot_histograms(table: dict[str, Sequence[int]], out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
+                    bins: int = 50) -> list[Path]:
+    """Histograms of answer and question token lengths as PNG files; returns their paths."""
+    return _save_figures(histogram_figures(table, bins), out_dir)
+
+
+def plot_length_by_steps(table: dict[str, Sequence[int]], path: str | os.PathLike | None = None,
+                         fraction: float = TRIM_FRACTION) -> Any:
+    """Answer length by step count: one box per step count (quartiles, whiskers at 1.5 IQR, outliers as dots)
+    with its trimmed max (the step-aware budget) marked in red. Returns the Figure; saves a PNG when ``path``."""
+    from matplotlib.figure import Figure
+
+    by_step: dict[int, list[int]] = {}
+    for count, length in zip(table["steps"], table["reference_length"], strict=True):
+        by_step.setdefault(count, []).append(length)
+    if not by_step:
+        raise ValueError("the length table is empty: nothing to plot")
+    steps = sorted(by_step)
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.subplots()
+    axes.boxplot([by_step[s] for s in steps], showmeans=True,
+                 flierprops={"marker": ".", "markersize": 3, "alpha": 0.4},
+                 meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black"})
+    positions = range(1, len(steps) + 1)
+    axes.scatter(positions, [trimmed_max(by_step[s], fraction) for s in steps], marker="_", s=400,
+                 linewidths=2, color="tab:red", zorder=3, label=f"trimmed max ({100 * (1 - fraction):g}%)")
+    axes.set_xticks(list(positions), [f"{s}\n(n = {len(by_step[s])})" for s in steps])
+    axes.set_xlabel("solution steps")
+    axes.set_ylabel("answer tokens (Qwen2.5 tokenizer)")
+    r = statistics.correlation(table["steps"], table["reference_length"]) if len(steps) > 1 else float("nan")
+    axes.set_title(f"GSM8K: answer length by step count (Pearson r = {r:.2f})")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(loc="upper left")
+    if path is not None:
+        _save_figures({Path(path).name: figure}, Path(path).parent)
+    return figure
 
 
 def run_analysis(gsm8k_dir: str | os.PathLike | None = None, tokenizer: Any = None,
                  out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR,
-                 json_path: str | os.PathLike | None = None, show: bool | None = None) -> dict[str, Any]:
-    """The whole study in one call: tokenize once, print the report, save histograms and the JSON.
+                 json_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole study in one call: tokenize once, report, save the plots and the JSON.
 
-    PNGs go to ``out_dir`` (None: no plots); the JSON to ``json_path``, by default
-    ``out_dir/statistics.json``. ``show`` (default: when running in a notebook) displays the histograms.
+    The report is text on the command line; in a notebook the per-step table renders as a table and the two
+    histograms and the length-by-step-count plot show inline (``runtime.show``). PNGs go to ``out_dir`` (None:
+    none are saved); the JSON to ``json_path``, by default ``out_dir/statistics.json``.
     """
     table = token_length_table(tokenizer, gsm8k_dir)
     stats = statistics_from_table(table)
-    print(format_report(stats))
-    paths = [] if out_dir is None else plot_histograms(table, out_dir)
+    if runtime.in_notebook():
+        print(format_summary(stats), flush=True)
+        runtime.show(step_table_frame(stats))
+    else:
+        print(format_report(stats))
+    figures = {}
+    if out_dir is not None or runtime.in_notebook():
+        figures = {**histogram_figures(table), STEP_PLOT_FILE: plot_length_by_steps(table)}
+    paths = [] if out_dir is None else _save_figures(figures, out_dir)
     if json_path is None and out_dir is not None:
         json_path = Path(out_dir) / "statistics.json"
     if json_path is not None:
@@ -191,12 +252,9 @@ def run_analysis(gsm8k_dir: str | os.PathLike | None = None, tokenizer: Any = No
         json_path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
         print(f"\nStatistics written to {json_path}")
     if paths:
-        print("Histograms written to " + ", ".join(str(path) for path in paths))
-    if paths and (_in_notebook() if show is None else show):
-        from IPython.display import Image, display
-
-        for path in paths:
-            display(Image(filename=str(path)))
+        print("Plots written to " + ", ".join(str(path) for path in paths), flush=True)
+    for figure in figures.values():
+        runtime.show(figure)
     return stats
 
 
@@ -208,11 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", metavar="T",
                         help="Qwen tokenizer folder (default: $QWEN_TOKENIZER, shared/qwen-tokenizer, "
                              "else the Hub)")
-    parser.add_argument("--plots", metavar="DIR", help="also write the histogram PNGs to this folder")
+    parser.add_argument("--plots", metavar="DIR",
+                        help="also write the plots (histograms, length by step count) as PNGs to this folder")
     args = parser.parse_args(argv)
     try:
         run_analysis(gsm8k_dir=args.gsm8k_dir, tokenizer=args.tokenizer, out_dir=args.plots,
-                     json_path=args.json, show=False)
+                     json_path=args.json)
     except (FileNotFoundError, ValueError) as error:  # bad paths or data: a message, not a traceback
         parser.error(str(error))
     return 0

@@ -15,7 +15,7 @@ Three kinds (``KINDS``), all in Qwen2.5 tokens of the raw text (``data.token_len
 
 Budgets are used at evaluation as a per-question ``max_new_tokens``, in the prompt as "Use no more than N
 tokens" (``data.prompt_messages(question, budget=N)``), or both; and in training as L1's per-question
-target (``data.training_dataset(..., budget=kind)`` adds a ``target_length`` column).
+target (``add_target_lengths(dataset, kind, tokenizer)`` adds a ``target_length`` column to the training set).
 
 Notebook: ``budgets.compute_budgets("steps", dataset, tokenizer)``; ``budgets.describe(...)`` prints the tables.
 """
@@ -50,13 +50,7 @@ def budget_kind(kind: str) -> str:
         name = _ALIASES.get(name, name)
         if name in KINDS:
             return name
-    raise ValueError(f"unknown budget kind {kind!r}; choose one of {list(KINDS)}")
-
-
-def _tokenizer(tokenizer: Any):
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        return runtime.load_tokenizer(tokenizer)
-    return tokenizer
+    raise runtime.ConfigError(f"unknown budget kind {kind!r}; choose one of {list(KINDS)}")
 
 
 def train_length_table(tokenizer: Any = None, gsm8k_dir: str | os.PathLike | None = None) -> dict[str, list[int]]:
@@ -64,7 +58,7 @@ def train_length_table(tokenizer: Any = None, gsm8k_dir: str | os.PathLike | Non
     and tokenizer); every budget is fitted on it."""
     import analysis
 
-    tokenizer = _tokenizer(tokenizer)
+    tokenizer = runtime.resolve_tokenizer(tokenizer)
     folder = runtime.gsm8k_dir(gsm8k_dir)
     key = (str(folder), str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)), len(tokenizer))
     if key not in _TRAIN_TABLES:
@@ -173,10 +167,10 @@ def compute_budgets(kind: str, dataset: Any, tokenizer: Any = None, gsm8k_dir: s
     if kind == "reference":
         lengths = _column(dataset, "reference_length")
         if lengths is None:
-            lengths = data.token_lengths(_tokenizer(tokenizer), _required(dataset, "answer", kind))
+            lengths = data.token_lengths(runtime.resolve_tokenizer(tokenizer), _required(dataset, "answer", kind))
         return [max(1, int(length)) for length in lengths]
     if train_table is None:
-        tokenizer = _tokenizer(tokenizer)
+        tokenizer = runtime.resolve_tokenizer(tokenizer)
         train_table = train_length_table(tokenizer, gsm8k_dir)
     if kind == "steps":
         steps = _column(dataset, "steps")
@@ -186,9 +180,20 @@ def compute_budgets(kind: str, dataset: Any, tokenizer: Any = None, gsm8k_dir: s
         return [max(1, step_budget(int(count), table, fallback)) for count in steps]
     question_lengths = _column(dataset, "question_length")
     if question_lengths is None:
-        question_lengths = data.token_lengths(_tokenizer(tokenizer), _required(dataset, "question", kind))
+        questions = _required(dataset, "question", kind)
+        question_lengths = data.token_lengths(runtime.resolve_tokenizer(tokenizer), questions)
     buckets = fit_question_buckets(train_table, n_buckets)
     return [max(1, question_budget(length, buckets)) for length in question_lengths]
+
+
+def add_target_lengths(dataset: Any, kind: str, tokenizer: Any = None, gsm8k_dir: str | os.PathLike | None = None,
+                       in_prompt: bool = True) -> Any:
+    """The training set (``data.training_dataset``) with each question's budget as ``target_length`` (L1's
+    target), stated in the prompt as well ("Use no more than N tokens.") unless ``in_prompt=False``."""
+    dataset = dataset.add_column("target_length", compute_budgets(kind, dataset, tokenizer, gsm8k_dir))
+    if not in_prompt:
+        return dataset
+    return dataset.map(lambda row: {"prompt": data.prompt_messages(row["question"], row["target_length"])})
 
 
 def _required(dataset: Any, name: str, kind: str) -> list:

@@ -1,4 +1,4 @@
-"""GSM8K: loading (Hub or local jsonl), step counts, the training subset and the prompts.
+"""GSM8K: loading (Hub or local jsonl), step counts, the training subset and the prompts. Imports runtime only.
 
 The step count of a solution is its number of lines before ``####``, blank lines included; it equals the
 number of sub-questions of the same problem in GSM8K's ``socratic`` config (which gives a blank line a
@@ -144,14 +144,11 @@ def training_dataset(
     size: int | None = DEFAULT_TRAIN_SIZE,
     max_steps: int | None = DEFAULT_MAX_STEPS,
     seed: int = DEFAULT_SEED,
-    budget: str | None = None,
-    budget_in_prompt: bool = True,
 ):
     """The study's training set: train questions with at most ``max_steps`` steps, shuffled with ``seed``,
     the first ``size`` of them, as conversational prompts with ``answer`` and length columns for the rewards.
 
-    With a ``budget`` kind (``budgets.KINDS``) each row also gets its token budget as ``target_length`` (L1's
-    target), stated in the prompt as well unless ``budget_in_prompt=False``.
+    Per-question token budgets (L1's ``target_length``) are added by ``budgets.add_target_lengths``.
     """
     dataset = load_gsm8k("train", gsm8k_dir)
     if max_steps is not None:
@@ -162,13 +159,7 @@ def training_dataset(
             raise ValueError(f"size must be positive, got {size}")
         dataset = dataset.select(range(min(size, len(dataset))))
     dataset = add_length_columns(dataset, tokenizer)
-    if budget is None:
-        return dataset.map(lambda row: {"prompt": prompt_messages(row["question"])})
-    import budgets
-
-    dataset = dataset.add_column("target_length", budgets.compute_budgets(budget, dataset, tokenizer, gsm8k_dir))
-    return dataset.map(lambda row: {"prompt": prompt_messages(
-        row["question"], row["target_length"] if budget_in_prompt else None)})
+    return dataset.map(lambda row: {"prompt": prompt_messages(row["question"])})
 
 
 def test_dataset(tokenizer=None, gsm8k_dir: str | os.PathLike | None = None):

@@ -792,9 +792,7 @@ def _resolved(model: Any, settings: DecodeSettings, n_prompts: int, total: int) 
 def _progress_bar(settings: DecodeSettings, total: int) -> Any:
     if not settings.progress:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=settings.desc, unit="question")
+    return runtime.progress_bar(total=total, desc=settings.desc, unit="question")
 
 
 def _generate_with_generate(model: Any, prompts: list[list[int]], limits: list[int], settings: DecodeSettings,

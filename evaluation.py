@@ -1,26 +1,18 @@
-r"""Evaluation on the 1319 GSM8K test questions, for every notebook and for training's final cells.
+r"""Evaluation on the 1319 GSM8K test questions, for every notebook, for training's final cells and the CLI.
 
 One call runs a model (optionally with a LoRA adapter) on the test split, scores each completion with the
 scoring contract of ``rewards.py`` (so evaluation and reward never disagree), writes a per-question JSONL
-file and a summary JSON beside the adapter, and returns the summary::
+file and a summary JSON beside the adapter, and returns the summary; ``evaluate_run`` does the same for a
+training run's adapter (its settings read from the run's ``run_config.json``) and pairs it with the baseline::
 
     summary = evaluation.evaluate(evaluation.EvalConfig(adapter="outputs/group/adapter"))
     evaluation.print_summary(summary)           # "Accuracy: 9.55% (126 of 1319)" ...
-    evaluation.print_comparison(evaluation.compare_runs("outputs/baseline/eval", "outputs/group/eval"))
+    summary = evaluation.evaluate_run("outputs/Group_method")  # + "baseline_comparison" when the baseline is there
 
-Metrics (``compute_metrics``), over the questions evaluated:
+    python evaluation.py --adapter outputs/Group_method [--limit 100] [--backend hf] [--budget steps]
 
-- accuracy: ``rewards.is_correct`` (the study's metric), with a Wilson 95% interval;
-- format accuracy: ``rewards.is_format_ok``; lenient accuracy (diagnostic only): ``rewards.lenient_answer``,
-  the last number anywhere in the completion, equals the gold number;
-- response length in generated tokens, counting the stop token when one was produced (as TRL's
-  ``completion_ids`` do for the length rewards): mean (normal 95% interval) and percentiles;
-- out-of-limit rate: completions with :math:`\mathrm{limit} - \mathrm{length} \le 3` (they hit their token
-  limit or ended within 3 tokens of it); the limit is the question's own, budgeted or not;
-- accuracy and mean length per step-count bucket (``2`` ... ``7``, ``8+``);
-- model efficiency: :math:`\sum_{i \in C} \mathrm{ref}_i \,/\, \sum_{i \in C} \mathrm{len}_i` over the set
-  :math:`C` of correctly answered questions, with :math:`\mathrm{ref}_i` the token length of the reference
-  solution (``data.add_length_columns``); None when nothing is correct.
+The metrics, their intervals and the paired comparison are ``metrics.py``'s (``metrics.compute_metrics``,
+``metrics.compare_runs``); this module generates, records and prints.
 
 Generation uses the training prompt (``data.prompt_messages`` + ``data.render_prompt``), greedy decoding by
 default, at most 512 new tokens. Backends:
@@ -33,48 +25,36 @@ default, at most 512 new tokens. Backends:
 - ``"hf-generate"``: batched ``model.generate`` (prompts sorted by length, left padding, stop at EOS);
 - ``"auto"``: an Unsloth model passed in → ``"unsloth"``; any other model passed in → ``"hf"``; otherwise
   ``"vllm"`` when installed with a GPU, else ``"hf"``. The choice and its reason are printed and saved.
-
-Comparing two runs (``compare_runs``): paired by question index; accuracy difference with a paired bootstrap
-95% interval, McNemar's exact test, mean length difference with a paired bootstrap interval.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import data
 import decoding
+import metrics
 import rewards
 import runtime
 
-RESULTS_FILE = "eval_results.jsonl"
-SUMMARY_FILE = "eval_summary.json"
 BACKENDS = ("auto", "vllm", "unsloth", "hf", "hf-generate")
 BUDGET_MODES = ("limit", "prompt", "both")
-OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
-CONFIDENCE = 0.95
-DEFAULT_N_BOOT = 10_000
-PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
-# Step-count buckets: GSM8K test questions have 2 to 11 solution steps; 8 and more are few, so pooled.
-STEP_BUCKET_CAP = 8
 
 
-class AdapterError(ValueError):
+class AdapterError(runtime.ConfigError):
     """A LoRA adapter that is missing, is not an adapter, or does not fit the base model."""
 
 
@@ -84,305 +64,61 @@ class AdapterError(ValueError):
 
 @dataclasses.dataclass
 class EvalConfig:
-    """What to evaluate and how; every field has a default that reproduces the study's evaluation.
+    """What to evaluate and how; every field has a default that reproduces the study's evaluation. The fields'
+    help texts are also the command line's (``python evaluation.py --help``)."""
 
-    ``model``: Hub id or local folder (or a ``.gguf`` file); ``runtime.TINY_MODEL`` means
-    ``runtime.build_tiny_qwen2(tokenizer, seed=0)``. ``adapter``: None, a local folder, a Google Drive folder
-    (``/content/drive/...`` or ``MyDrive/...``) or a Hub repo id. ``output_dir``: None → the adapter's folder
-    (local or Drive), else ``outputs/eval-<name>``. ``limit``: evaluate the first N questions (a seeded random
-    N with ``shuffle=True``). ``seed``: sampling (``temperature > 0``), subset shuffling and bootstrap.
-    ``budget``: a ``budgets.KINDS`` name; ``budget_mode`` ``"limit"`` caps each question's new tokens at its
-    budget, ``"prompt"`` adds "Use no more than N tokens." to the question, ``"both"`` does both.
-    ``redo``: run again even when results with the same settings exist.
-    """
-
-    model: str = runtime.MODEL_ID
-    adapter: str | None = None
-    backend: str = "auto"
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    batch_size: int | None = None
-    limit: int | None = None
-    shuffle: bool = False
-    seed: int = 0
-    output_dir: str | None = None
-    redo: bool = False
-    gsm8k_dir: str | None = None
-    tokenizer: str | None = None
-    budget: str | None = None
-    budget_mode: str = "limit"
-    dtype: str | None = None
-    load_in_4bit: bool = False
-    gpu_memory_utilization: float = 0.6
-    progress: bool = True
-    # None: follow runtime.smoke_mode() (no GPU, or LENGTHRL_SMOKE=1); see smoke_config.
-    smoke: bool | None = None
+    model: str = field(default=runtime.MODEL_ID, metadata={
+        "help": f"Hub id, local folder or .gguf file of the base model; {runtime.TINY_MODEL!r} = tiny random Qwen2"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "LoRA adapter: a local or Google Drive folder (/content/drive/..., MyDrive/...) or a Hub repo id"})
+    backend: str = field(default="auto", metadata={"help": f"one of {BACKENDS}"})
+    max_new_tokens: int = field(default=512, metadata={"help": "token limit of each answer"})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy; else sampling temperature"})
+    batch_size: int | None = field(default=None, metadata={"help": "sequences at a time (default: what fits)"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N test questions only"})
+    shuffle: bool = field(default=False, metadata={"help": "with limit: a seeded random N questions instead"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, the shuffled subset and the bootstrap"})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "results folder (default: the adapter's folder, else outputs/eval-<model>)"})
+    redo: bool = field(default=False, metadata={"help": "run again even when results with these settings exist"})
+    gsm8k_dir: str | None = field(default=None, metadata={"help": "local GSM8K folder (default: found or Hub)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer folder (default: the adapter's, else found by runtime.py)"})
+    budget: str | None = field(default=None, metadata={
+        "help": "per-question length budget, one of budgets.KINDS ('steps', 'reference', 'question')"})
+    budget_mode: str = field(default="limit", metadata={
+        "help": f"one of {BUDGET_MODES}: the budget as token limit, stated in the prompt, or both"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "bfloat16, float16 or float32 (default: bf16 where supported, fp16 on other GPUs, fp32 on CPU)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "4-bit weights (Unsloth backend)"})
+    gpu_memory_utilization: float = field(default=0.6, metadata={"help": "GPU share for vLLM"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    smoke: bool | None = field(default=None, metadata={
+        "help": "CPU smoke preset (8 questions, 32 new tokens); default: when runtime.smoke_mode() (no GPU)"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+            raise runtime.ConfigError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.budget is not None:
             import budgets  # one spelling per kind: aliases must not make separate result files
 
             self.budget = budgets.budget_kind(self.budget)
         if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"budget_mode must be one of {list(BUDGET_MODES)}, got {self.budget_mode!r}")
+            raise runtime.ConfigError(f"budget_mode must be one of {list(BUDGET_MODES)}, got {self.budget_mode!r}")
         for name in ("max_new_tokens", "batch_size", "limit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise runtime.ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_new_tokens is None:
-            raise ValueError("max_new_tokens must be a positive integer, got None")
+            raise runtime.ConfigError("max_new_tokens must be a positive integer, got None")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise runtime.ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be None, 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+            raise runtime.ConfigError(f"dtype must be None, 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+            raise runtime.ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not self.model:
-            raise ValueError("model must name a Hub id, a local folder or runtime.TINY_MODEL")
-
-
-def result_paths(output_dir: str | os.PathLike, budget: str | None = None,
-                 budget_mode: str = "limit") -> tuple[Path, Path]:
-    """(per-question JSONL, summary JSON) in ``output_dir``; budgeted runs get their own names."""
-    folder = Path(output_dir)
-    if budget is None:
-        return folder / RESULTS_FILE, folder / SUMMARY_FILE
-    tag = f"budget-{_slug(budget)}-{budget_mode}"
-    return folder / f"eval_results_{tag}.jsonl", folder / f"eval_summary_{tag}.json"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "run"
-
-
-# ==================================================================================================
-# Statistics
-# ==================================================================================================
-
-def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
-def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    r"""Wilson score interval for a proportion of ``k`` successes in ``n`` trials.
-
-    .. math:: \frac{\hat p + \frac{z^2}{2n} \pm z\sqrt{\frac{\hat p(1-\hat p)}{n} + \frac{z^2}{4n^2}}}
-              {1 + \frac{z^2}{n}}, \qquad \hat p = k/n
-
-    with :math:`z` the normal quantile of ``(1 + confidence) / 2`` (1.96 for 95%).
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ValueError(f"k must be an integer between 0 and n={n}, got {k!r}")
-    z = _z(confidence)
-    p = k / n
-    denominator = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # At k = 0 (k = n) the bound is exactly 0 (1); say so instead of leaving a rounding residue.
-    low = 0.0 if k == 0 else max(0.0, center - half)
-    high = 1.0 if k == n else min(1.0, center + half)
-    return low, high
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    r"""Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (one run right, the other wrong).
-
-    Under the null hypothesis each discordant pair goes either way with probability 1/2:
-
-    .. math:: p = \min\Bigl(1,\ 2 \sum_{i=0}^{\min(b,c)} \binom{b+c}{i} 2^{-(b+c)}\Bigr)
-
-    computed with exact integers; 1.0 when there is no discordant pair.
-    """
-    for name, value in (("b", b), ("c", c)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                     confidence: float = CONFIDENCE) -> dict[str, float]:
-    r"""Paired bootstrap of the mean difference :math:`\bar b - \bar a` over paired observations.
-
-    Each of ``n_boot`` resamples draws the n pairs with replacement (the same indices for ``a`` and ``b``);
-    the interval is the percentile interval of the resampled differences. Returns ``estimate``, ``ci_low``,
-    ``ci_high``, ``n`` and ``n_boot``.
-    """
-    import numpy as np
-
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(f"a and b must be paired 1-D sequences, got shapes {x.shape} and {y.shape}")
-    if x.size == 0:
-        raise ValueError("paired_bootstrap needs at least one pair")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    differences = y - x
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    n = differences.size
-    chunk = max(1, 2_000_000 // n)  # bound the index matrix to ~16 MB
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        indices = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = differences[indices].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return {"estimate": float(differences.mean()), "ci_low": float(low), "ci_high": float(high),
-            "n": int(n), "n_boot": int(n_boot)}
-
-
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    r"""(mean, low, high): normal interval :math:`\bar x \pm z\, s/\sqrt n` (sample standard deviation)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_interval needs at least one value")
-    mean = math.fsum(values) / n
-    if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = _z(confidence) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-# ==================================================================================================
-# Scoring and metrics
-# ==================================================================================================
-
-def score_completion(text: str, gold: Any) -> dict[str, Any]:
-    """The per-question scores of one completion, all from ``rewards.py``'s scoring contract."""
-    return {
-        "extracted": rewards.extract_answer(text),
-        "correct": rewards.is_correct(text, gold),
-        "format_ok": rewards.is_format_ok(text),
-        "lenient": rewards.lenient_answer(text),
-        "lenient_correct": rewards.is_lenient_correct(text, gold),
-    }
-
-
-def step_bucket(steps: int) -> str:
-    """The step-count bucket label: the count itself, or ``"8+"`` from ``STEP_BUCKET_CAP`` on."""
-    return f"{STEP_BUCKET_CAP}+" if steps >= STEP_BUCKET_CAP else str(int(steps))
-
-
-def _proportion(k: int, n: int) -> dict[str, Any]:
-    low, high = wilson_interval(k, n)
-    return {"value": k / n, "count": k, "n": n, "ci_low": low, "ci_high": high, "ci_method": "wilson"}
-
-
-def compute_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Every metric of the module docstring from per-question records (as written to the JSONL file).
-
-    Each record needs ``correct``, ``format_ok``, ``length``, ``steps``; ``lenient_correct``,
-    ``out_of_limit`` (else computed from ``limit``) and ``reference_length`` are used when present.
-    """
-    import numpy as np
-
-    if not records:
-        raise ValueError("no records to compute metrics from")
-    n = len(records)
-    lengths = [int(r["length"]) for r in records]
-    correct = [bool(r["correct"]) for r in records]
-    out_of_limit = [bool(r["out_of_limit"]) if "out_of_limit" in r else rewards.is_out_of_limit(r["length"], r["limit"])
-                    for r in records]
-    mean, low, high = mean_interval(lengths)
-    metrics: dict[str, Any] = {
-        "n": n,
-        "accuracy": _proportion(sum(correct), n),
-        "format_accuracy": _proportion(sum(bool(r["format_ok"]) for r in records), n),
-        "lenient_accuracy": _proportion(sum(bool(r.get("lenient_correct")) for r in records), n),
-        "out_of_limit_rate": _proportion(sum(out_of_limit), n),
-        "mean_length": {"value": mean, "ci_low": low, "ci_high": high, "ci_method": "normal"},
-        "length_percentiles": {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(lengths, PERCENTILES))},
-        "min_length": min(lengths),
-        "max_length": max(lengths),
-        "generated_tokens": sum(lengths),
-    }
-    metrics["length_percentiles"]["max"] = float(max(lengths))
-    right = [r for r, ok in zip(records, correct) if ok]
-    metrics["model_efficiency"] = None
-    if right and all(r.get("reference_length") is not None for r in right):
-        metrics["model_efficiency"] = rewards.model_efficiency(
-            [r["reference_length"] for r in right], [r["length"] for r in right], [True] * len(right))
-    buckets: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        buckets.setdefault(step_bucket(int(record["steps"])), []).append(record)
-    metrics["by_steps"] = []
-    for label in sorted(buckets, key=lambda s: int(s.rstrip("+"))):
-        group = buckets[label]
-        k = sum(bool(r["correct"]) for r in group)
-        low_b, high_b = wilson_interval(k, len(group))
-        metrics["by_steps"].append({
-            "steps": label, "n": len(group), "correct": k, "accuracy": k / len(group),
-            "ci_low": low_b, "ci_high": high_b,
-            "mean_length": math.fsum(int(r["length"]) for r in group) / len(group),
-        })
-    return metrics
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
-def format_count(name: str, metric: Mapping[str, Any]) -> str:
-    """``"Accuracy: 9.55% (126 of 1319)"``, the way the study prints counts."""
-    return f"{name}: {_percent(metric['value'])} ({metric['count']} of {metric['n']})"
-
-
-# ==================================================================================================
-# Files
-# ==================================================================================================
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def save_records(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write per-question records as JSON lines."""
-    lines = (json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
-    return runtime.write_atomic(path, "".join(lines))
-
-
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Per-question records from a JSONL file, a summary JSON (its results file) or an output folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    elif path.suffix == ".json" and path.exists():
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        results = summary.get("files", {}).get("results")
-        if not results:
-            raise ValueError(f"{path} is not an evaluation summary (it names no results file)")
-        # The results file beside the summary first: a run folder copied from Drive keeps its old absolute path.
-        beside = path.parent / Path(results).name
-        path = beside if beside.exists() or not Path(results).is_absolute() else Path(results)
-    if not path.exists():
-        raise FileNotFoundError(f"no evaluation results at {str(path)!r}")
-    return [record for _, record in data.iter_jsonl(path)]
-
-
-def load_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """An evaluation summary from its JSON file or from an output folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / SUMMARY_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no evaluation summary at {str(path)!r}")
-    return json.loads(path.read_text(encoding="utf-8"))
+            raise runtime.ConfigError("model must name a Hub id, a local folder or runtime.TINY_MODEL")
 
 
 # ==================================================================================================
@@ -467,21 +203,13 @@ def _generate_unsloth(config: EvalConfig, model: Any, prompts: list[list[int]], 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _drive_path(text: str) -> Path | None:
-    """``/content/drive/...``, ``drive/...`` or ``MyDrive/...`` as a mounted Drive path (None otherwise)."""
-    if Path(text).expanduser().exists():
-        return None  # a local folder, even one named drive/ or MyDrive/
-    for prefix, base in (("/content/drive/", "/content/drive"), ("drive/", "/content/drive"),
-                         ("MyDrive/", "/content/drive/MyDrive")):
-        if text.startswith(prefix):
-            path = Path(base) / text[len(prefix):]
-            if not (runtime.DRIVE_MOUNT / "MyDrive").exists():
-                if not runtime.in_colab():
-                    raise AdapterError(f"adapter {text!r} is a Google Drive path, but this is not Colab "
-                                       "(copy the adapter folder locally and pass that path)")
-                runtime.mount_drive()
-            return path
-    return None
+def _local_path(text: str) -> Path:
+    """Where ``text`` is on this machine: its mounted Google Drive path (``runtime.drive_path``), else itself."""
+    try:
+        drive = runtime.drive_path(text)
+    except runtime.ConfigError as error:
+        raise AdapterError(f"adapter {error}") from None
+    return drive or Path(text).expanduser()
 
 
 def resolve_adapter(adapter: str | os.PathLike, base_model: str = runtime.MODEL_ID) -> tuple[Path, bool]:
@@ -491,7 +219,7 @@ def resolve_adapter(adapter: str | os.PathLike, base_model: str = runtime.MODEL_
     ``AdapterError`` / ``FileNotFoundError`` naming the adapter and the base model it was expected to fit.
     """
     text = str(adapter)
-    path = _drive_path(text) or Path(text).expanduser()
+    path = _local_path(text)
     local = True
     if not path.exists():
         if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
@@ -559,14 +287,6 @@ def attach_adapter(model: Any, adapter_dir: str | os.PathLike, base_model: str =
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def _torch_dtype(config: EvalConfig):
-    import torch
-
-    if config.dtype is not None:
-        return getattr(torch, config.dtype)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[runtime.default_precision()]
-
-
 def load_tokenizer(config: EvalConfig, adapter_dir: Path | None = None) -> Any:
     """The tokenizer for ``config``: ``config.tokenizer``, else the adapter's own (saved by training, so
     its chat template is the one trained with), else the GGUF file's, else ``runtime.load_tokenizer``."""
@@ -593,7 +313,7 @@ def load_model(config: EvalConfig, tokenizer: Any, adapter_dir: Path | None = No
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = _torch_dtype(config)
+    dtype = runtime.torch_dtype(config.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.model == runtime.TINY_MODEL:
         model = runtime.build_tiny_qwen2(tokenizer, seed=0)
@@ -613,24 +333,6 @@ def load_model(config: EvalConfig, tokenizer: Any, adapter_dir: Path | None = No
 # ==================================================================================================
 # Evaluate
 # ==================================================================================================
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
-
-
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
 
 def _model_dtype(model: Any) -> str | None:
     try:
@@ -670,14 +372,14 @@ def _pick_backend(config: EvalConfig, model: Any) -> tuple[str, str]:
         return "hf", "vLLM is not installed" if not has_vllm else "no GPU for vLLM"
     if config.backend == "vllm":
         if model is not None:
-            raise ValueError("backend='vllm' loads its own model; pass no model (or use backend='hf')")
+            raise runtime.ConfigError("backend='vllm' loads its own model; pass no model (or use backend='hf')")
         if not has_vllm:
-            raise ValueError("backend='vllm' needs the vllm package (pip install vllm)")
+            raise runtime.ConfigError("backend='vllm' needs the vllm package (pip install vllm)")
         if config.model == runtime.TINY_MODEL:
-            raise ValueError("backend='vllm' cannot run runtime.TINY_MODEL; use backend='hf'")
+            raise runtime.ConfigError("backend='vllm' cannot run runtime.TINY_MODEL; use backend='hf'")
     if config.backend == "unsloth" and model is not None and not _has_vllm_engine(model):
-        raise ValueError("backend='unsloth' needs an Unsloth model loaded with fast_inference=True "
-                         "(it has no vLLM engine); use backend='hf'")
+        raise runtime.ConfigError("backend='unsloth' needs an Unsloth model loaded with fast_inference=True "
+                                  "(it has no vLLM engine); use backend='hf'")
     return config.backend, "requested"
 
 
@@ -718,7 +420,7 @@ def _default_output_dir(config: EvalConfig, adapter_dir: Path | None, adapter_is
     if adapter_dir is not None and adapter_is_local:
         return adapter_dir
     name = config.adapter if config.adapter is not None else config.model
-    return Path("outputs") / f"eval-{_slug(Path(str(name)).name)}"
+    return Path("outputs") / f"eval-{metrics.slug(Path(str(name)).name)}"
 
 
 def _settings(config: EvalConfig, adapter_dir: Path | None, adapter_is_local: bool, n_test: int) -> dict[str, Any]:
@@ -776,18 +478,15 @@ def _budgets(config: EvalConfig, dataset: Any, tokenizer: Any) -> list[int]:
     return [max(1, int(v)) for v in values]
 
 
-SMOKE_QUESTIONS = 8
-SMOKE_NEW_TOKENS = 32
-
-
 def smoke_config(config: EvalConfig) -> EvalConfig:
     """``config`` for the CPU smoke mode: the tiny random Qwen2 (unless an adapter names its own base model, as a
-    smoke training run's does), at most 8 questions and 32 new tokens. Idempotent."""
+    smoke training run's does), at most ``runtime.SMOKE_QUESTIONS`` questions and ``runtime.SMOKE_NEW_TOKENS``
+    new tokens. Idempotent."""
     return dataclasses.replace(
         config,
         model=runtime.TINY_MODEL if config.adapter is None else config.model,
-        limit=min(config.limit or SMOKE_QUESTIONS, SMOKE_QUESTIONS),
-        max_new_tokens=min(config.max_new_tokens, SMOKE_NEW_TOKENS),
+        limit=min(config.limit or runtime.SMOKE_QUESTIONS, runtime.SMOKE_QUESTIONS),
+        max_new_tokens=min(config.max_new_tokens, runtime.SMOKE_NEW_TOKENS),
         smoke=True,
     )
 
@@ -795,9 +494,9 @@ def smoke_config(config: EvalConfig) -> EvalConfig:
 def resolve_config(config: EvalConfig | None) -> EvalConfig:
     """The configuration ``evaluate`` runs: the smoke configuration when asked or when ``runtime.smoke_mode()``."""
     config = config or EvalConfig()
-    smoke = runtime.smoke_mode() if config.smoke is None else config.smoke
+    smoke = runtime.wants_smoke(config.smoke)
     if smoke and config.smoke is not True:
-        print(f"Smoke mode: {SMOKE_QUESTIONS} questions, {SMOKE_NEW_TOKENS} new tokens"
+        print(f"Smoke mode: {runtime.SMOKE_QUESTIONS} questions, {runtime.SMOKE_NEW_TOKENS} new tokens"
               + (", tiny random Qwen2" if config.adapter is None else ""), flush=True)
     return smoke_config(config) if smoke else config
 
@@ -822,7 +521,7 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
     settings = _settings(config, adapter_dir, adapter_is_local, len(full))
     model_passed_in = model is not None
     output_dir = _default_output_dir(config, adapter_dir, adapter_is_local)
-    results_path, summary_path = result_paths(output_dir, config.budget, config.budget_mode)
+    results_path, summary_path = metrics.result_paths(output_dir, config.budget, config.budget_mode)
     if not config.redo and results_path.exists() and summary_path.exists():
         existing = json.loads(summary_path.read_text(encoding="utf-8"))
         if existing.get("settings") == settings:
@@ -881,21 +580,21 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
     for row, index, ids, text, limit, budget in zip(subset, indices, completions, decoded, limits,
                                                     question_budgets):
         record = {"index": index, "question": row["question"], "gold": row["gold"], "completion": text,
-                  **score_completion(text, row["gold"]), "length": len(ids), "limit": limit,
+                  **metrics.score_completion(text, row["gold"]), "length": len(ids), "limit": limit,
                   "finish": "stop" if ids and ids[-1] in eos_set else "length",
                   "out_of_limit": rewards.is_out_of_limit(len(ids), limit), "steps": row["steps"],
                   "reference_length": row["reference_length"]}
         if config.budget is not None:
             record["budget"] = budget
         records.append(record)
-    metrics = compute_metrics(records)
-    generated = metrics["generated_tokens"]
+    scores = metrics.compute_metrics(records)
+    generated = scores["generated_tokens"]
     summary = {
         "model": str(config.model), "adapter": config.adapter,
         "adapter_path": str(adapter_dir) if adapter_dir is not None else None,
         "model_passed_in": model_passed_in, "backend": backend, "backend_reason": reason,
         "generation_info": info,
-        "metrics": metrics,
+        "metrics": scores,
         "generation": {"decoding": "greedy" if config.temperature == 0 else "sampling",
                        "temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
                        "batch_size": info.get("batch_size", config.batch_size),
@@ -904,16 +603,78 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
                        "stop_token_ids": eos, "system_prompt": data.SYSTEM_PROMPT,
                        "chat_template": "tokenizer's (data.render_prompt)"},
         "settings": settings, "limit": config.limit, "shuffle": config.shuffle, "seed": config.seed,
-        "versions": runtime.library_versions(), "git_commit": _git_commit(), "device": _device_name(),
+        "versions": runtime.library_versions(), "git_commit": runtime.git_commit(), "device": runtime.device_name(),
         "timing": {"wall_s": None, "generation_s": generation_s, "generated_tokens": generated,
                    "tokens_per_s": generated / generation_s if generation_s > 0 else None},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": {"results": str(results_path), "summary": str(summary_path)},
     }
-    save_records(records, results_path)
+    metrics.save_records(records, results_path)
     summary["timing"]["wall_s"] = time.perf_counter() - started
-    runtime.write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    metrics.save_summary(summary, summary_path)
     print(f"Wrote {results_path} and {summary_path.name}", flush=True)
+    return summary
+
+
+def _saved_run_config(adapter_dir: Path) -> dict[str, Any]:
+    """The training configuration saved beside an adapter (``run_config.json``'s ``config``); {} without one."""
+    path = adapter_dir / "run_config.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("config", {}) if path.is_file() else {}
+
+
+def evaluate_run(run: str | os.PathLike | None = None, method: str | None = None, save_to_drive: bool = False,
+                 model: Any = None, tokenizer: Any = None, compare: bool = True, **settings: Any) -> dict[str, Any]:
+    """Evaluate the adapter a training run saved (the Eval notebooks, the end of training, the CLI), print the
+    summary, then compare it with the baseline run.
+
+    ``run``: a run folder (one holding ``adapter/``; results go to its ``eval/``), an adapter folder (local or
+    Google Drive; results beside it) or a Hub repo id. None: the run folder of ``method``
+    (``runtime.run_dir(method, save_to_drive, smoke)``, the smoke folder in smoke mode). The base model, tokenizer,
+    GSM8K folder and token limit come from the adapter's ``run_config.json`` when there is one; ``settings`` are
+    further ``EvalConfig`` fields (``limit``, ``backend``, ``redo``, ``budget``, ...; None leaves a field as the run
+    has it). ``model``/``tokenizer``: the trained model still in memory, evaluated as it is (``evaluate``).
+
+    With ``compare``, for a run folder of a method other than the baseline, when the baseline run beside it
+    (``runtime.run_folder("baseline")``) has results under the same budget, the paired comparison is printed and
+    returned under ``"baseline_comparison"``.
+    """
+    smoke = runtime.smoke_mode()
+    if run is None:
+        if method is None:
+            raise runtime.ConfigError("evaluate_run needs a run folder, an adapter or a method")
+        run_dir: Path | None = runtime.run_dir(method, save_to_drive, smoke)
+        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no trained adapter in {run_dir / 'adapter'}: run the {run_dir.name} training "
+                                    "notebook first, or give the adapter's folder or Hub repo id")
+    else:
+        path = _local_path(str(run))
+        run_dir = path if (path / "adapter" / "adapter_config.json").is_file() else None
+    adapter_dir = run_dir / "adapter" if run_dir is not None else _local_path(str(run))
+    saved = _saved_run_config(adapter_dir)
+    method = method or saved.get("method")
+    values: dict[str, Any] = {
+        "model": saved.get("model", runtime.TINY_MODEL if smoke else runtime.MODEL_ID),
+        "adapter": str(adapter_dir) if run_dir is not None else str(run),
+        "output_dir": str(run_dir / "eval") if run_dir is not None else None,
+        # A smoke run is evaluated on the smoke number of questions, also when its model is passed in.
+        "limit": runtime.SMOKE_QUESTIONS if saved.get("smoke") else None,
+    }
+    for name, key in (("max_new_tokens", "max_completion_length"), ("gsm8k_dir", "gsm8k_dir"),
+                      ("tokenizer", "tokenizer")):
+        if saved.get(key) is not None:
+            values[name] = saved[key]
+    values.update({name: value for name, value in settings.items() if value is not None})
+    config = EvalConfig(**values)
+    summary = evaluate(config, model=model, tokenizer=tokenizer if model is not None else None)
+    print_summary(summary)
+    if compare and run_dir is not None and method not in (None, "baseline"):
+        baseline_dir = run_dir.parent / runtime.run_folder("baseline", smoke=bool(saved.get("smoke", smoke)))
+        baseline_results = metrics.result_paths(baseline_dir / "eval", config.budget, config.budget_mode)[0]
+        if baseline_results.is_file():
+            comparison = metrics.compare_runs(baseline_results, summary["files"]["results"],
+                                              labels=("baseline", method))
+            print_comparison(comparison)
+            summary = {**summary, "baseline_comparison": comparison, "baseline_results": str(baseline_results)}
     return summary
 
 
@@ -937,8 +698,8 @@ def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
              f"at most {generation.get('max_new_tokens')} new tokens{budget})"]
 
     def with_ci(name: str, metric: Mapping[str, Any]) -> str:
-        return (f"{format_count(name, metric)}, 95% CI {_percent(metric['ci_low'])} to "
-                f"{_percent(metric['ci_high'])}")
+        return (f"{metrics.format_count(name, metric)}, 95% CI {metrics.format_percent(metric['ci_low'])} to "
+                f"{metrics.format_percent(metric['ci_high'])}")
 
     lines.append(with_ci("Accuracy", m["accuracy"]))
     lines.append(with_ci("Format accuracy", m["format_accuracy"]))
@@ -948,16 +709,19 @@ def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
                  f"{length['ci_high']:.1f}")
     percentiles = " · ".join(f"{k} {v:g}" for k, v in m["length_percentiles"].items())
     lines.append(f"Length percentiles: {percentiles}")
-    lines.append(with_ci(f"Out-of-limit rate (within {OUT_OF_LIMIT_MARGIN} tokens of the limit)",
+    lines.append(with_ci(f"Out-of-limit rate (within {metrics.OUT_OF_LIMIT_MARGIN} tokens of the limit)",
                          m["out_of_limit_rate"]))
     efficiency = m.get("model_efficiency")
     lines.append("Model efficiency: " + (f"{efficiency:.3f} (reference tokens / response tokens over the "
                                          f"{m['accuracy']['count']} correct answers)"
                                          if efficiency is not None else "n/a (no correct answer)"))
-    lines.append(f"{'steps':>7} {'n':>6} {'accuracy':>18} {'mean length':>12}")
-    for row in m["by_steps"]:
-        accuracy = f"{_percent(row['accuracy'])} ({row['correct']})"
-        lines.append(f"{row['steps']:>7} {row['n']:>6} {accuracy:>18} {row['mean_length']:>12.1f}")
+    # In a notebook the per-step buckets follow as a rendered table; elsewhere as text, here.
+    as_table = file is None and runtime.in_notebook()
+    if not as_table:
+        lines.append(f"{'steps':>7} {'n':>6} {'accuracy':>18} {'95% CI':>16} {'mean length':>12}")
+        for cells in _step_bucket_cells(m["by_steps"]):
+            lines.append(f"{cells['steps']:>7} {cells['n']:>6} {cells['accuracy']:>18} {cells['95% CI']:>16} "
+                         f"{cells['mean length']:>12}")
     timing = summary.get("timing") or {}
     if timing.get("generation_s"):
         rate = timing.get("tokens_per_s") or 0
@@ -967,45 +731,24 @@ def print_summary(summary: Mapping[str, Any], file: Any = None) -> None:
     if files.get("results"):
         lines.append(f"Per-question results: {files['results']}")
     print("\n".join(lines), file=out, flush=True)
+    if as_table:
+        runtime.show(step_bucket_frame(summary))
 
 
-def _records(source: Any) -> list[dict[str, Any]]:
-    if isinstance(source, (str, os.PathLike)):
-        return load_records(source)
-    return [dict(r) for r in source]
+def _step_bucket_cells(by_steps: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    # One formatting for the text table and the notebook table.
+    return [{"steps": str(row["steps"]), "n": str(row["n"]),
+             "accuracy": f"{metrics.format_percent(row['accuracy'])} ({row['correct']})",
+             "95% CI": f"{metrics.format_percent(row['ci_low'])}–{metrics.format_percent(row['ci_high'])}",
+             "mean length": f"{row['mean_length']:.1f}"} for row in by_steps]
 
 
-def compare_runs(records_or_path_a: Any, records_or_path_b: Any, seed: int = 0, n_boot: int = DEFAULT_N_BOOT,
-                 labels: tuple[str, str] = ("A", "B"), confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """Compare two runs question by question (paired by ``index``); differences are B − A.
+def step_bucket_frame(summary: Mapping[str, Any]) -> Any:
+    """The per-step buckets of an ``evaluate`` summary as a pandas DataFrame for notebooks: one row per
+    step-count bucket, with questions, accuracy (correct count), its 95% Wilson interval and mean length."""
+    import pandas as pd
 
-    Reports both accuracies, the accuracy difference with a paired bootstrap interval, McNemar's exact test
-    on the discordant questions (``a_only``: A right and B wrong; ``b_only``: the reverse), and the mean
-    length difference with a paired bootstrap interval. Questions present in one run only are left out and
-    counted.
-    """
-    a = {int(r["index"]): r for r in _records(records_or_path_a)}
-    b = {int(r["index"]): r for r in _records(records_or_path_b)}
-    common = sorted(set(a) & set(b))
-    if not common:
-        raise ValueError("the two runs share no question index: nothing to compare")
-    correct_a = [float(bool(a[i]["correct"])) for i in common]
-    correct_b = [float(bool(b[i]["correct"])) for i in common]
-    length_a = [float(a[i]["length"]) for i in common]
-    length_b = [float(b[i]["length"]) for i in common]
-    a_only = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
-    b_only = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
-    n = len(common)
-    return {
-        "labels": list(labels), "n": n, "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
-        "accuracy_a": sum(correct_a) / n, "accuracy_b": sum(correct_b) / n,
-        "correct_a": int(sum(correct_a)), "correct_b": int(sum(correct_b)),
-        "accuracy_diff": paired_bootstrap(correct_a, correct_b, n_boot=n_boot, seed=seed, confidence=confidence),
-        "mcnemar": {"a_only": a_only, "b_only": b_only, "p_value": mcnemar_exact(a_only, b_only)},
-        "mean_length_a": sum(length_a) / n, "mean_length_b": sum(length_b) / n,
-        "length_diff": paired_bootstrap(length_a, length_b, n_boot=n_boot, seed=seed + 1, confidence=confidence),
-        "confidence": confidence,
-    }
+    return pd.DataFrame(_step_bucket_cells(summary["metrics"]["by_steps"])).set_index("steps")
 
 
 def print_comparison(result: Mapping[str, Any], file: Any = None) -> None:
@@ -1013,12 +756,13 @@ def print_comparison(result: Mapping[str, Any], file: Any = None) -> None:
     out = file or sys.stdout
     name_a, name_b = result["labels"]
     accuracy, length, test = result["accuracy_diff"], result["length_diff"], result["mcnemar"]
-    level = f"{100 * result.get('confidence', CONFIDENCE):g}%"
+    level = f"{100 * result.get('confidence', metrics.CONFIDENCE):g}%"
+    percent = metrics.format_percent
     lines = [f"{name_b} vs {name_a} on {result['n']} paired questions"]
     if result["only_in_a"] or result["only_in_b"]:
         lines[0] += f" ({result['only_in_a']} only in {name_a}, {result['only_in_b']} only in {name_b}, left out)"
-    lines.append(f"Accuracy: {name_a} {_percent(result['accuracy_a'])} ({result['correct_a']} of {result['n']}), "
-                 f"{name_b} {_percent(result['accuracy_b'])} ({result['correct_b']} of {result['n']}); "
+    lines.append(f"Accuracy: {name_a} {percent(result['accuracy_a'])} ({result['correct_a']} of {result['n']}), "
+                 f"{name_b} {percent(result['accuracy_b'])} ({result['correct_b']} of {result['n']}); "
                  f"difference {100 * accuracy['estimate']:+.2f} points, {level} CI "
                  f"{100 * accuracy['ci_low']:+.2f} to {100 * accuracy['ci_high']:+.2f} (paired bootstrap)")
     lines.append(f"McNemar exact test: {test['a_only']} right only in {name_a}, {test['b_only']} right only in "
@@ -1042,13 +786,13 @@ def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, t
     if isinstance(records, Mapping) and "files" in records:  # an evaluate() summary
         results = Path(records["files"]["results"])
         path = path if path is not None else results.with_name(
-            results.name.replace(RESULTS_FILE.split(".")[0], "length_histogram").replace(".jsonl", ".png"))
+            results.name.replace(metrics.RESULTS_FILE.split(".")[0], "length_histogram").replace(".jsonl", ".png"))
         records = results
 
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.add_subplot()
     if isinstance(records, Mapping):
-        runs = {label: _records(value) for label, value in records.items()}
+        runs = {label: metrics.run_records(value) for label, value in records.items()}
         largest = max((max(int(r["length"]) for r in run) for run in runs.values() if run), default=1)
         edges = [largest * i / bins for i in range(bins + 1)]
         for label, run in runs.items():
@@ -1057,7 +801,7 @@ def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, t
                       label=f"{label} (mean {mean:.0f})")
         limits = [int(r.get("limit", 0)) for run in runs.values() for r in run]
     else:
-        run = _records(records)
+        run = metrics.run_records(records)
         if not run:
             raise ValueError("no records to plot")
         right = [int(r["length"]) for r in run if r["correct"]]
@@ -1075,3 +819,51 @@ def plot_length_histogram(records: Any, path: str | os.PathLike | None = None, t
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=120)
     return figure
+
+
+def plot_against_baseline(summary: Mapping[str, Any], path: str | os.PathLike | None = None) -> Any:
+    """Response lengths of this run overlaid on the baseline's, or None when there is no baseline to compare.
+
+    ``summary``: what ``evaluate_run`` returns; it names the baseline's results file
+    (``baseline_results``) and the two labels (``baseline_comparison``) when the baseline's results exist. The PNG
+    is saved beside this run's results as ``length_vs_baseline.png`` unless ``path`` says otherwise.
+    """
+    baseline = summary.get("baseline_results")
+    if not baseline:
+        return None
+    results = Path(summary["files"]["results"])
+    baseline_label, label = summary["baseline_comparison"]["labels"]
+    return plot_length_histogram({baseline_label: baseline, label: results},
+                                 path if path is not None else results.with_name("length_vs_baseline.png"),
+                                 title=f"Response lengths on GSM8K test: {label} vs {baseline_label}")
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one option per ``EvalConfig`` field (same names, dashes), as training.py's."""
+    parser = argparse.ArgumentParser(
+        prog="evaluation.py",
+        description="Evaluate a model, or a training run's LoRA adapter, on the GSM8K test split.",
+        epilog="--adapter also takes a training run's folder (RUN_DIR, holding adapter/): the model, tokenizer and "
+               "token limit then come from its run_config.json, results go to RUN_DIR/eval, and the run is compared "
+               "with the baseline run beside it. Without a GPU the CPU smoke preset runs.")
+    runtime.add_dataclass_options(parser, EvalConfig, defaults=False)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python evaluation.py [--adapter PATH|RUN_DIR] [options]``: evaluate, print the summary (and the comparison)."""
+    namespace = build_parser().parse_args(argv)
+    settings = runtime.dataclass_values(EvalConfig, namespace)
+    with runtime.one_line_errors(namespace.debug, prog="evaluation.py"):
+        if settings.get("adapter") is not None:
+            return evaluate_run(settings.pop("adapter"), **settings)
+        summary = evaluate(EvalConfig(**settings))
+        print_summary(summary)
+        return summary
+
+
+if __name__ == "__main__":
+    main()

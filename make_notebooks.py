@@ -5,8 +5,9 @@
 
 Each notebook is self-contained for Colab: its first cell installs the pinned packages (on Colab only, before
 anything imports torch), then one collapsed ``%%writefile`` cell per shared module it needs, so ``import
-rewards`` works in a fresh runtime while the code keeps a single source in this repository. The remaining
-cells are configuration (Colab form fields), calls and narrative.
+rewards`` works in a fresh runtime while the code keeps a single source in this repository. The modules it needs
+are found, not declared: those its own cells import, and everything they import in turn (``modules_needed``,
+imports inside functions included). The remaining cells are configuration (Colab form fields), calls and narrative.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-SHARED_MODULES = ("runtime", "decoding", "rewards", "data", "analysis", "budgets", "evaluation", "training", "results")
+# The project's modules, lowest layer first (tests/test_architecture.py checks that no module imports a later one);
+# decoding.py is optional until it exists.
+SHARED_MODULES = ("runtime", "rewards", "data", "analysis", "budgets", "metrics", "decoding", "evaluation", "training",
+                  "results")
 # Installed on Colab by the notebooks that only tokenize and plot (no torch needed).
 LIGHT_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "datasets")
 
@@ -56,15 +60,22 @@ def module_source(name: str) -> str:
     return (REPO / f"{name}.py").read_text(encoding="utf-8")
 
 
-def module_imports(name: str) -> set[str]:
-    """Shared modules that ``name`` imports anywhere (top level or inside functions)."""
+def imported_modules(source: str) -> set[str]:
+    """Shared modules that Python ``source`` imports anywhere (top level or inside functions). Notebook magics
+    (``%...``, ``!...``) are skipped."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(module_source(name))):
+    for node in ast.walk(ast.parse("\n".join(lines))):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
     return found & set(SHARED_MODULES)
+
+
+def module_imports(name: str) -> set[str]:
+    """Shared modules that ``name`` imports anywhere (top level or inside functions)."""
+    return imported_modules(module_source(name))
 
 
 def modules_needed(entry_points: tuple[str, ...]) -> list[str]:
@@ -195,6 +206,15 @@ if "google.colab" in sys.modules:
 ''', form=True)
 
 
+def cells_imports(cells: list[dict]) -> tuple[str, ...]:
+    """Shared modules the code cells import (the notebook's entry points), in ``SHARED_MODULES`` order."""
+    found: set[str] = set()
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            found |= imported_modules("".join(cell["source"]))
+    return tuple(name for name in SHARED_MODULES if name in found)
+
+
 def module_cells(entry_points: tuple[str, ...]) -> list[dict]:
     names = modules_needed(entry_points)
     cells = [markdown(
@@ -217,12 +237,19 @@ class Notebook:
     title: str
     intro: str
     install: str  # "full" | "light"
-    entry_points: tuple[str, ...]
     body: list[dict] = field(default_factory=list)
+
+    def entry_points(self) -> tuple[str, ...]:
+        """The shared modules the notebook's own cells import."""
+        return cells_imports(self.body)
+
+    def modules(self) -> list[str]:
+        """Every shared module the notebook embeds: its entry points and all they import."""
+        return modules_needed(self.entry_points())
 
     def cells(self) -> list[dict]:
         return [markdown(f"# {self.title}\n\n{self.intro.strip()}"), install_cell(self.install),
-                *module_cells(self.entry_points), *self.body]
+                *module_cells(self.entry_points()), *self.body]
 
 
 SMOKE_NOTE = (
@@ -243,7 +270,10 @@ OUT_DIR = "outputs/data_analysis"  # @param {type:"string"}
         markdown(
             "## Token-length statistics of the GSM8K train split\n"
             "Question and solution lengths in Qwen2.5 tokens (raw text, no special tokens), their correlations, "
-            "and the per-step table behind the step-aware length budgets."),
+            "and the per-step table behind the step-aware length budgets; then the histograms of answer and "
+            "question lengths and the answer length by step count (the study's point: more steps, longer "
+            "solutions), with each step count's 97.5% trimmed max, the step-aware budget, marked in red. The "
+            "plots are also saved as PNGs in `OUT_DIR`."),
         code('''
 import analysis
 
@@ -252,7 +282,7 @@ stats = analysis.run_analysis(gsm8k_dir=GSM8K_DIR or None, tokenizer=TOKENIZER o
     ]
     return Notebook("Data_analysis.ipynb", "GSM8K data analysis",
                     "Reproduces the study's token-length statistics of GSM8K (train split, 7473 questions).",
-                    "light", ("analysis",), body)
+                    "light", body)
 
 
 # The study's four runs: folder, method, title and what the method adds.
@@ -291,8 +321,10 @@ The defaults reproduce the study (Qwen2.5-0.5B-Instruct with LoRA, 4000 training
 
 **Never lose a run.** With `SAVE_TO_DRIVE` the run folder lives on Google Drive. Checkpoints are written every
 `SAVE_STEPS` steps; after a disconnect, run all cells again and training resumes from the latest checkpoint with the
-same data order. Weights & Biases logs online with a `WANDB_API_KEY` Colab secret, otherwise offline (see README.md
-to sync later); `PUSH_TO_HUB` uses the `HF_TOKEN` secret.
+same data order. A finished run is re-used, not trained again: a larger `MAX_STEPS` trains it further, and a changed
+training setting (e.g. `LAMBDA`, `LEARNING_RATE`) needs another folder. Weights & Biases logs online with a
+`WANDB_API_KEY` Colab secret, otherwise offline (see README.md to sync later); `PUSH_TO_HUB` uses the `HF_TOKEN`
+secret.
 
 {SMOKE_NOTE}"""),
         code(f'''
@@ -327,15 +359,15 @@ result = training.train(config)
 '''),
         markdown("## Training curves\nReward, accuracy, mean length, efficiency and the length correlations per "
                  "step, from the trainer's log history (no Weights & Biases needed)."),
-        code("training.plot_training_curves(result.output_dir);"),
+        code("import runtime\n\nruntime.show(training.plot_training_curves(result.output_dir))"),
         markdown("## Evaluate the adapter on the GSM8K test split\nGreedy decoding, 512 new tokens; the "
                  "per-question results and the summary are saved beside the adapter."),
         code("summary = training.evaluate_adapter(result, limit=EVAL_LIMIT or None)"),
         markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
+        code("import evaluation\n\nruntime.show(evaluation.plot_length_histogram(summary))"),
     ]
     intro = f"{about}\n\nOne of the study's four GRPO runs; `Eval_{folder}_GRPO.ipynb` re-evaluates the saved adapter."
-    return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", ("training",), body)
+    return Notebook(f"{folder}/{folder}_GRPO.ipynb", f"{title}: GRPO training", intro, "full", body)
 
 
 def eval_notebook(folder: str, method: str, title: str, about: str) -> Notebook:
@@ -359,17 +391,24 @@ REDO = False  # @param {{type:"boolean"}}
                  "efficiency and per-step buckets; then the paired comparison with the baseline when its results "
                  "are present."),
         code('''
-import training
+import evaluation
 
-summary = training.evaluate_saved_run(METHOD, adapter=ADAPTER or None, save_to_drive=SAVE_TO_DRIVE,
-                                      limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
+summary = evaluation.evaluate_run(ADAPTER or None, method=METHOD, save_to_drive=SAVE_TO_DRIVE,
+                                  limit=EVAL_LIMIT or None, backend=BACKEND, redo=REDO)
 '''),
-        markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("import evaluation\n\nevaluation.plot_length_histogram(summary)"),
+        markdown("## Response lengths\nThis run's lengths, correct and incorrect answers stacked, then overlaid on "
+                 "the baseline's when its results are present. Saved as `length_histogram.png` and "
+                 "`length_vs_baseline.png` beside the results."),
+        code("""
+import evaluation
+import runtime
+
+runtime.show(evaluation.plot_length_histogram(summary))
+runtime.show(evaluation.plot_against_baseline(summary))
+"""),
     ]
     intro = f"Re-evaluates the LoRA adapter saved by `{folder}_GRPO.ipynb` ({title}). {about}"
-    return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", ("training",),
-                    body)
+    return Notebook(f"{folder}/Eval_{folder}_GRPO.ipynb", f"{title}: evaluation", intro, "full", body)
 
 
 def initial_evaluation() -> Notebook:
@@ -400,11 +439,11 @@ summary = evaluation.evaluate(config)
 evaluation.print_summary(summary)
 '''),
         markdown("## Response lengths\nSaved as `length_histogram.png` beside the results."),
-        code("evaluation.plot_length_histogram(summary)"),
+        code("import runtime\n\nruntime.show(evaluation.plot_length_histogram(summary))"),
     ]
     return Notebook("Initial_evaluation.ipynb", "Initial evaluation: the untrained model",
                     "Accuracy, format and length of Qwen2.5-0.5B-Instruct before any training, the study's "
-                    "starting point.", "full", ("evaluation",), body)
+                    "starting point.", "full", body)
 
 
 def results_notebook() -> Notebook:
@@ -422,8 +461,8 @@ OUT_DIR = "outputs/results"  # @param {type:"string"}
         markdown("## Comparison\nOne row per run: accuracy ± 95% CI, format accuracy, mean length, out-of-limit "
                  "rate, efficiency and training time, with the study's published numbers as reference rows; then "
                  "each run paired with the baseline (accuracy difference with a bootstrap CI, McNemar's exact "
-                 "p-value, length difference). Then the accuracy–length Pareto chart, the length distributions and "
-                 "the per-step buckets."),
+                 "p-value, length difference). Below the tables: the accuracy–length Pareto chart, the length "
+                 "distributions and the per-step buckets, also saved as PNGs in `OUT_DIR`."),
         code('''
 import results
 
@@ -433,7 +472,7 @@ report = results.report([path.strip() for path in RUNS.split(",") if path.strip(
     return Notebook("Results.ipynb", "Results: comparing the methods honestly",
                     "Loads the evaluation results of any number of runs and compares them, with confidence "
                     "intervals and paired tests, against the baseline and the study's published numbers.",
-                    "full", ("results",), body)
+                    "full", body)
 
 
 def notebooks() -> list[Notebook]:

@@ -4,22 +4,26 @@ A run is one evaluation of one model on the GSM8K test split: the ``eval_summary
 ``eval_results*.jsonl`` files that ``evaluation.py`` writes (in ``<run>/eval/``, ``<run>/adapter/`` or a folder
 of its own), plus what training left beside them: ``run_config.json`` (the method) and the training time
 (``adapter/run_config.json``'s ``train_seconds_total``, else ``sessions.jsonl``). Budgeted evaluations
-(``eval_summary_budget-<kind>-<mode>.json``) are runs of their own. Statistics come from ``evaluation.py``
-(Wilson intervals, paired bootstrap, McNemar); nothing is recomputed differently here.
+(``eval_summary_budget-<kind>-<mode>.json``) are runs of their own. Files and statistics come from ``metrics.py``
+(Wilson intervals, paired bootstrap, McNemar); nothing is recomputed differently here, and nothing here needs a
+model (this module does not import evaluation or training).
 
 Notebook::
 
     runs = results.find_runs(["outputs", "MyDrive/length-rl"])
     rows = results.comparison_table(runs)           # + the study's published numbers, labelled
-    print(results.format_table(rows))
+    print(results.format_table(rows))                # or runtime.show(results.table_frame(rows)): a table
     print(results.format_pairs(results.paired_against_baseline(runs)))
-    results.plot_pareto(runs, "outputs/results/pareto.png")
+    runtime.show(results.plot_pareto(runs, "outputs/results/pareto.png"))
 
-or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``.
+or everything at once: ``results.report(["outputs"], out_dir="outputs/results")``; from a shell:
+``python results.py RUN_DIR... [--out-dir outputs/results] [--no-include-study]``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import data
+import metrics
 import rewards
+import runtime
 
 STUDY_TEST_QUESTIONS = 1319
 # The study's published results on the 1319 test questions (greedy decoding). ``correct`` is the count behind
@@ -78,12 +84,10 @@ class Run:
 
 def _resolve(path: str | os.PathLike) -> Path:
     """A local path, or a Google Drive path (``MyDrive/...``, ``/content/drive/...``; mounted in Colab)."""
-    import evaluation
-
     text = str(path)
     try:
-        drive = evaluation._drive_path(text)
-    except evaluation.AdapterError:
+        drive = runtime.drive_path(text)
+    except runtime.ConfigError:
         raise FileNotFoundError(f"{text!r} is a Google Drive path, but this is not Colab: copy the run folders "
                                 "locally and pass that path") from None
     return drive if drive is not None else Path(text).expanduser()
@@ -130,14 +134,12 @@ def _training_record(folder: Path) -> tuple[str | None, float | None, dict[str, 
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """One run from its summary JSON, or from a folder holding ``eval_summary.json`` (or one budgeted summary).
 
-    The per-question file is the summary's sibling (``evaluation.result_paths``), so a run folder copied from
+    The per-question file is the summary's sibling (``metrics.result_paths``), so a run folder copied from
     Drive still loads. ``name`` defaults to the method (``"untrained"`` without an adapter), plus the budget.
     """
-    import evaluation
-
     path = _resolve(path)
     if path.is_dir():
-        plain = path / evaluation.SUMMARY_FILE
+        plain = path / metrics.SUMMARY_FILE
         found = [plain] if plain.is_file() else sorted(path.glob(_SUMMARY_GLOB))
         if len(found) != 1:
             what = "no" if not found else f"{len(found)}"
@@ -146,13 +148,13 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation summary at {str(path)!r}")
-    summary = evaluation.load_summary(path)
+    summary = metrics.load_summary(path)
     if "metrics" not in summary:
-        raise ValueError(f"{path} is not an evaluation summary (it has no 'metrics')")
+        raise runtime.ConfigError(f"{path} is not an evaluation summary (it has no 'metrics')")
     generation = summary.get("generation") or {}
     budget, mode = generation.get("budget"), generation.get("budget_mode")
-    results_path = evaluation.result_paths(path.parent, budget, mode or "limit")[0]
-    records = evaluation.load_records(results_path if results_path.is_file() else path)
+    results_path = metrics.result_paths(path.parent, budget, mode or "limit")[0]
+    records = metrics.load_records(results_path if results_path.is_file() else path)
     method, seconds, config = _training_record(path.parent)
     if method is None and summary.get("adapter") is None:
         method = UNTRAINED
@@ -183,7 +185,7 @@ def find_runs(root_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
     if isinstance(root_or_paths, (str, os.PathLike)):
         root_or_paths = [root_or_paths]
     if root_or_paths is None or not (root_or_paths := list(root_or_paths)):
-        raise ValueError("find_runs needs a folder, a summary file, or a list of them")
+        raise runtime.ConfigError("find_runs needs a folder, a summary file, or a list of them")
     summaries: list[Path] = []
     for item in root_or_paths:
         path = _resolve(item)
@@ -227,11 +229,9 @@ def _run_row(run: Run) -> dict[str, Any]:
 
 def study_rows() -> list[dict[str, Any]]:
     """The study's published results as table rows (Wilson interval from the published count)."""
-    import evaluation
-
     rows = []
     for entry in STUDY_RESULTS:
-        low, high = evaluation.wilson_interval(entry["correct"], STUDY_TEST_QUESTIONS)
+        low, high = metrics.wilson_interval(entry["correct"], STUDY_TEST_QUESTIONS)
         rows.append({
             "name": f"study: {entry['name']}", "method": entry["method"], "source": STUDY_SOURCE, "budget": None,
             "budget_mode": None, "n": STUDY_TEST_QUESTIONS, "correct": entry["correct"],
@@ -261,10 +261,6 @@ def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
     return pd.DataFrame(list(rows))
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
 def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -289,23 +285,52 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _table_cells(row: Mapping[str, Any]) -> dict[str, str]:
+    # One formatting for the text table and the notebook table.
+    interval = (f"[{100 * row['accuracy_ci_low']:.2f}, {100 * row['accuracy_ci_high']:.2f}]"
+                if row.get("accuracy_ci_low") is not None else "")
+    return {"Method": row["name"], "Source": row["source"], "n": str(row["n"]),
+            "Accuracy": metrics.format_percent(row["accuracy"]), "95% CI": interval,
+            "Format": metrics.format_percent(row["format_accuracy"]), "Mean length": _number(row["mean_length"]),
+            "Out-of-limit": metrics.format_percent(row["out_of_limit_rate"]),
+            "Efficiency": _number(row["efficiency"], 3),
+            "Training time": format_duration(row["train_seconds"])}
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The comparison table as fixed-width text; the study's rows are marked as published references."""
     header = ("Method", "Source", "n", "Accuracy [95% CI]", "Format", "Mean length", "Out-of-limit",
               "Efficiency", "Training time")
     body = []
     for row in rows:
-        interval = (f" [{100 * row['accuracy_ci_low']:.2f}, {100 * row['accuracy_ci_high']:.2f}]"
-                    if row.get("accuracy_ci_low") is not None else "")
-        body.append((row["name"], row["source"], str(row["n"]), _percent(row["accuracy"]) + interval,
-                     _percent(row["format_accuracy"]), _number(row["mean_length"]),
-                     _percent(row["out_of_limit_rate"]), _number(row["efficiency"], 3),
-                     format_duration(row["train_seconds"])))
+        cells = _table_cells(row)
+        accuracy = f"{cells['Accuracy']} {cells['95% CI']}".rstrip()
+        body.append((cells["Method"], cells["Source"], cells["n"], accuracy,
+                     *(cells[column] for column in header[4:])))
     text = _text_table(header, body)
     if any(row["source"] == STUDY_SOURCE for row in rows):
         text += (f"\nRows marked '{STUDY_SOURCE}' are the study's reported numbers on {STUDY_TEST_QUESTIONS} test "
                  "questions (reference only, not rerun here); '-': not reported.")
     return text
+
+
+STUDY_ROW_STYLE = "color: #6a6a6a; font-style: italic; background-color: #f4f4f4"
+
+
+def table_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The comparison table for notebooks: the cells of ``format_table`` (percentages, the 95% interval in
+    points, durations) as a pandas Styler whose ``.data`` is the DataFrame; the study's published rows are
+    set apart in gray italics. ``to_frame`` gives the raw numbers instead."""
+    import pandas as pd
+
+    frame = pd.DataFrame([_table_cells(row) for row in rows])
+    published = [row["source"] == STUDY_SOURCE for row in rows]
+    styler = frame.style.hide(axis="index").apply(
+        lambda column: [STUDY_ROW_STYLE if study else "" for study in published], axis=0)
+    if any(published):
+        styler = styler.set_caption(f"Gray rows: the study's reported numbers on {STUDY_TEST_QUESTIONS} test "
+                                    "questions (reference only, not rerun here); '-': not reported.")
+    return styler
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,18 +347,16 @@ def _baseline_for(run: Run, baselines: Sequence[Run]) -> Run | None:
 
 def paired_against_baseline(runs: Sequence[Run], baseline: str | Run | None = None, n_boot: int | None = None,
                             seed: int = 0) -> list[dict[str, Any]]:
-    """``evaluation.compare_runs(baseline, run)`` for every other run (differences are run - baseline).
+    """``metrics.compare_runs(baseline, run)`` for every other run (differences are run - baseline).
 
     The baseline is ``baseline`` (a run or its name) or else the run of method ``"baseline"`` evaluated under
     the same budget, or else the unbudgeted one (so a budgeted baseline is compared with the unbudgeted
     baseline). Each result also has ``run`` and ``baseline`` (names). Empty when there is no baseline run.
     """
-    import evaluation
-
     if isinstance(baseline, str):
         chosen = [r for r in runs if r.name == baseline]
         if not chosen:
-            raise ValueError(f"no run named {baseline!r}; runs: {[r.name for r in runs]}")
+            raise runtime.ConfigError(f"no run named {baseline!r}; runs: {[r.name for r in runs]}")
         baselines = chosen
     elif isinstance(baseline, Run):
         baselines = [baseline]
@@ -344,9 +367,8 @@ def paired_against_baseline(runs: Sequence[Run], baseline: str | Run | None = No
         reference = baselines[0] if baseline is not None else _baseline_for(run, baselines)
         if reference is None or run is reference or run.summary_path == reference.summary_path:
             continue
-        comparison = evaluation.compare_runs(reference.records, run.records, seed=seed,
-                                             n_boot=n_boot or evaluation.DEFAULT_N_BOOT,
-                                             labels=(reference.name, run.name))
+        comparison = metrics.compare_runs(reference.records, run.records, seed=seed,
+                                          n_boot=n_boot or metrics.DEFAULT_N_BOOT, labels=(reference.name, run.name))
         results.append({"run": run.name, "baseline": reference.name, **comparison})
     return results
 
@@ -356,16 +378,32 @@ def format_pairs(pairs: Sequence[Mapping[str, Any]]) -> str:
     if not pairs:
         return "No baseline run found: nothing to compare against."
     header = ("Run", "vs", "n", "Δ accuracy [95% CI]", "McNemar p", "Δ mean length [95% CI]")
-    body = []
-    for pair in pairs:
-        accuracy, length = pair["accuracy_diff"], pair["length_diff"]
-        body.append((pair["run"], pair["baseline"], str(pair["n"]),
-                     f"{100 * accuracy['estimate']:+.2f} [{100 * accuracy['ci_low']:+.2f}, "
-                     f"{100 * accuracy['ci_high']:+.2f}] pts",
-                     f"{pair['mcnemar']['p_value']:.3g}",
-                     f"{length['estimate']:+.1f} [{length['ci_low']:+.1f}, {length['ci_high']:+.1f}]"))
-    return (_text_table(header, body) + "\nPaired by question (paired bootstrap intervals, McNemar's exact test on "
-            "the questions that only one of the two runs answers correctly).")
+    body = [tuple(_pair_cells(pair).values()) for pair in pairs]
+    return (_text_table(header, body) + "\n" + PAIRS_NOTE)
+
+
+PAIRS_NOTE = ("Paired by question (paired bootstrap intervals, McNemar's exact test on the questions that only one "
+              "of the two runs answers correctly).")
+
+
+def _pair_cells(pair: Mapping[str, Any]) -> dict[str, str]:
+    # One formatting for the text table and the notebook table.
+    accuracy, length = pair["accuracy_diff"], pair["length_diff"]
+    return {"Run": pair["run"], "vs": pair["baseline"], "n": str(pair["n"]),
+            "Δ accuracy [95% CI]": f"{100 * accuracy['estimate']:+.2f} [{100 * accuracy['ci_low']:+.2f}, "
+                                   f"{100 * accuracy['ci_high']:+.2f}] pts",
+            "McNemar p": f"{pair['mcnemar']['p_value']:.3g}",
+            "Δ mean length [95% CI]": f"{length['estimate']:+.1f} [{length['ci_low']:+.1f}, "
+                                      f"{length['ci_high']:+.1f}]"}
+
+
+def pairs_frame(pairs: Sequence[Mapping[str, Any]]) -> Any:
+    """The paired comparisons for notebooks: the cells of ``format_pairs`` as a pandas Styler (``.data`` is the
+    DataFrame), captioned with how the pairs were tested."""
+    import pandas as pd
+
+    frame = pd.DataFrame([_pair_cells(pair) for pair in pairs])
+    return frame.style.hide(axis="index").set_caption(PAIRS_NOTE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,17 +525,62 @@ PLOT_FILES = {"pareto": "pareto.png", "lengths": "length_distributions.png", "st
 def report(root_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
            out_dir: str | os.PathLike | None = None, include_study: bool = True,
            n_boot: int | None = None) -> dict[str, Any]:
-    """Find the runs, print the comparison table and the paired comparisons, and draw the three plots
-    (saved as PNGs under ``out_dir`` when given). Returns ``runs``, ``rows``, ``pairs`` and ``figures``."""
+    """Find the runs, show the comparison table and the paired comparisons, and draw the three plots (saved as
+    PNGs under ``out_dir`` when given). In a notebook the tables render as tables and the plots show below them
+    (``runtime.show``); elsewhere the tables print as text. Returns ``runs``, ``rows``, ``pairs`` and
+    ``figures``."""
     runs = find_runs(root_or_paths)
     rows = comparison_table(runs, include_study=include_study)
     pairs = paired_against_baseline(runs, n_boot=n_boot)
-    print(format_table(rows), end="\n\n", flush=True)
-    print(format_pairs(pairs), flush=True)
+    runtime.show(table_frame(rows), text=format_table(rows) + "\n")
+    if pairs:
+        runtime.show(pairs_frame(pairs), text=format_pairs(pairs))
+    else:
+        print(format_pairs(pairs), flush=True)
     folder = Path(out_dir) if out_dir is not None else None
     figures = {
         "pareto": plot_pareto(runs, folder / PLOT_FILES["pareto"] if folder else None, include_study),
         "lengths": plot_length_distributions(runs, folder / PLOT_FILES["lengths"] if folder else None),
         "steps": plot_step_buckets(runs, folder / PLOT_FILES["steps"] if folder else None),
     }
+    for figure in figures.values():
+        runtime.show(figure)
     return {"runs": runs, "rows": rows, "pairs": pairs, "figures": figures}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ReportOptions:
+    """``report``'s settings as the command line's options (``python results.py --help``)."""
+
+    out_dir: str | None = field(default="outputs/results", metadata={"help": "folder for the PNG plots"})
+    include_study: bool = field(default=True, metadata={"help": "add the study's published numbers as rows"})
+    n_boot: int | None = field(default=None, metadata={
+        "help": f"bootstrap resamples of the paired comparisons (default: {metrics.DEFAULT_N_BOOT})"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``RUN_DIR...`` plus one option per ``ReportOptions`` field, built as training.py's and evaluation.py's."""
+    parser = argparse.ArgumentParser(
+        prog="results.py", description="Compare evaluated runs: one table with 95%% intervals, paired tests "
+                                       "against the baseline, and the plots.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (searched for evaluation summaries) or summary files")
+    runtime.add_dataclass_options(parser, ReportOptions)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python results.py RUN_DIR... [options]``: print the table and the paired comparisons, save the plots."""
+    namespace = build_parser().parse_args(argv)
+    options = ReportOptions(**runtime.dataclass_values(ReportOptions, namespace))
+    with runtime.one_line_errors(namespace.debug, prog="results.py"):
+        return report(namespace.runs, **dataclasses.asdict(options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,23 @@
-"""Where are we running, and where do models, data and outputs live?
+"""Where are we running, and where do models, data and outputs live? The bottom layer: imports no project module.
 
 One small module so that notebooks, CLIs and tests agree on:
-- smoke mode (a tiny random model on the CPU; set ``LENGTHRL_SMOKE=1``, or automatic without a GPU),
+- smoke mode (a tiny random model on the CPU; set ``LENGTHRL_SMOKE=1``, or automatic without a GPU) and its sizes,
 - local copies of the Hub assets (``GSM8K_DIR``, ``QWEN_TOKENIZER``, or a ``shared/`` folder beside the repo),
-- Colab specifics (Drive, secrets) and Weights & Biases without interactive prompts.
+- Colab specifics (Drive, secrets) and Weights & Biases without interactive prompts,
+- where a run lives (``run_dir``: method -> folder), the process rank, the device, the git commit, the dtype,
+- the command lines' shared parts: options from a dataclass's fields, one-line errors.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import io
+import json
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +27,17 @@ MODEL_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 # Sentinel model name: a tiny randomly initialised Qwen2 with the real Qwen tokenizer (tests, smoke runs).
 TINY_MODEL = "tiny-random-qwen2"
 GSM8K_HUB_ID = "openai/gsm8k"
+# The smoke configuration's size, shared by training and evaluation: questions trained on and evaluated,
+# and new tokens per completion.
+SMOKE_QUESTIONS = 8
+SMOKE_NEW_TOKENS = 32
+# The study's four runs live in these folders (the notebooks' folders); any other method in a folder of its name.
+METHOD_FOLDERS = {
+    "baseline": "Baseline",
+    "ans_len": "Ans_len_considering",
+    "group": "Group_method",
+    "group_ans_len": "Group_method_with_ans_len_considering",
+}
 
 _REPO_DIR = Path(__file__).resolve().parent
 
@@ -68,6 +87,11 @@ def has_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def wants_smoke(smoke: bool | None) -> bool:
+    """A configuration's ``smoke`` field resolved: True or False as set, None -> ``smoke_mode()``."""
+    return smoke_mode() if smoke is None else bool(smoke)
 
 
 def smoke_mode() -> bool:
@@ -136,6 +160,13 @@ def load_tokenizer(explicit: str | os.PathLike | None = None, model_name: str = 
     return tokenizer
 
 
+def resolve_tokenizer(tokenizer: Any = None, model_name: str = MODEL_ID) -> Any:
+    """A tokenizer object as given; None -> the default (``load_tokenizer``); a path -> loaded from there."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer, model_name)
+    return tokenizer
+
+
 def tiny_qwen2_config(vocab_size: int) -> Any:
     """A 2-layer Qwen2 small enough to train on a laptop CPU in seconds (same architecture as the real one)."""
     from transformers import Qwen2Config
@@ -167,6 +198,75 @@ def build_tiny_qwen2(tokenizer, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+_PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(precision: str | None = None) -> Any:
+    """The torch dtype of ``"bf16"``/``"fp16"``/``"fp32"`` (or ``"bfloat16"``/``"float16"``/``"float32"``);
+    None or ``"auto"``: ``default_precision()``."""
+    import torch
+
+    if precision in (None, "auto"):
+        precision = default_precision()
+    name = _PRECISIONS.get(precision, precision)
+    if name not in _PRECISIONS.values():
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {[*_PRECISIONS, *_PRECISIONS.values()]}")
+    return getattr(torch, name)
+
+
+def device_name() -> str:
+    """The GPU's name, else the CPU's with its core count (for run records and benchmarks)."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    """The repository's commit (40 hex digits), None outside a git checkout (e.g. a notebook's copy)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_DIR, capture_output=True, text=True,
+                                timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def _process_group() -> Any:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    """This process's rank: torch.distributed's once it is initialised, else ``$RANK`` (set by ``accelerate
+    launch``/``torchrun`` before it is), 0 for a single process."""
+    group = _process_group()
+    return group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes of this launch, read like ``rank`` (``$WORLD_SIZE`` before torch.distributed starts)."""
+    group = _process_group()
+    return group.get_world_size() if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def import_wandb_early() -> None:
+    """Import wandb (when installed) before torch and transformers: TRL imports it anyway, and wandb's pydantic
+    models look up their source module (``inspect.getmodule`` scans ``sys.modules``) at import, so importing it
+    first is ~3x faster (44 s -> 16 s for ``from trl import GRPOTrainer`` on a 2-core machine)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
 
 
 def get_secret(name: str) -> str | None:
@@ -213,6 +313,24 @@ def mount_drive() -> Path:
     return DRIVE_MOUNT
 
 
+def drive_path(text: str) -> Path | None:
+    """``/content/drive/...``, ``drive/...`` or ``MyDrive/...`` as a mounted Google Drive path (mounted on demand
+    in Colab); None for anything else, including a local folder that happens to be called ``drive/`` or ``MyDrive/``.
+    A Drive path outside Colab is a ``ConfigError``."""
+    if Path(text).expanduser().exists():
+        return None
+    prefixes = (("/content/drive/", DRIVE_MOUNT), ("drive/", DRIVE_MOUNT), ("MyDrive/", DRIVE_MOUNT / "MyDrive"))
+    for prefix, base in prefixes:
+        if text.startswith(prefix):
+            if not (DRIVE_MOUNT / "MyDrive").exists():
+                if not in_colab():
+                    raise ConfigError(f"{text!r} is a Google Drive path, but this is not Colab: copy the folder "
+                                      "locally and pass that path")
+                mount_drive()
+            return Path(base) / text[len(prefix):]
+    return None
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temporary file, then rename it: an interrupted run never leaves a half file that looks
     complete (the rename is atomic)."""
@@ -234,6 +352,19 @@ def output_dir(folder: str, save_to_drive: bool = False, drive_root: str = "MyDr
         path = Path("outputs") / folder
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_folder(method: str, smoke: bool = False, folder: str | None = None) -> str:
+    """The folder name of a run: ``folder`` when given, else the method's (``METHOD_FOLDERS``, else the method's own
+    name); smoke runs add ``-smoke`` so that they never mix with real runs."""
+    name = folder or METHOD_FOLDERS.get(method, method)
+    return name if not smoke or name.endswith("-smoke") else f"{name}-smoke"
+
+
+def run_dir(method: str, save_to_drive: bool = False, smoke: bool = False, folder: str | None = None) -> Path:
+    """Where the run of ``method`` lives: ``outputs/<run_folder>``, or on Google Drive with ``save_to_drive``
+    (never for a smoke run)."""
+    return output_dir(run_folder(method, smoke, folder), save_to_drive and not smoke)
 
 
 class ConfigError(ValueError):
@@ -316,3 +447,132 @@ def t4_vllm_environment(capability: tuple[int, int] | None = None) -> dict[str, 
             os.environ[name] = value
             applied[name] = value
     return applied
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebooks: figures and tables inline, progress bars without warnings
+# --------------------------------------------------------------------------------------------------
+
+def in_notebook() -> bool:
+    """True inside a Jupyter or Colab kernel; False in a script, a terminal IPython or pytest."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def show(item: Any, text: str | None = None) -> None:
+    """The one way figures and tables reach the user: inline in a notebook, as ``text`` (when given) elsewhere.
+
+    In a notebook a matplotlib figure is rendered to PNG here, so it shows whatever the backend (a figure made
+    without pyplot has no inline formatter, and would display as ``<Figure size ...>``); a pyplot figure is then
+    closed so the inline backend does not show it a second time. Anything else (a pandas DataFrame or Styler,
+    shown as an HTML table) goes to IPython's ``display``. ``None`` shows nothing.
+    """
+    if not in_notebook():
+        if text is not None:
+            print(text, flush=True)
+        return
+    if item is None:
+        return
+    from IPython.display import Image, display
+
+    if hasattr(item, "savefig"):
+        buffer = io.BytesIO()
+        item.savefig(buffer, format="png", dpi=100)
+        display(Image(data=buffer.getvalue(), format="png"))
+        if getattr(item.canvas, "manager", None) is not None:  # made by pyplot
+            import matplotlib.pyplot as plt
+
+            plt.close(item)
+    else:
+        display(item)
+
+
+def _has_widgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+def progress_bar(**tqdm_arguments: Any) -> Any:
+    """A tqdm bar: the notebook widget where ipywidgets is installed (Colab), else the text bar (terminals, and
+    Jupyter without widgets, where ``tqdm.auto`` would warn "IProgress not found" first)."""
+    if in_notebook() and _has_widgets():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm(**tqdm_arguments)
+
+
+def _quiet_tqdm_auto() -> None:
+    # In a kernel without ipywidgets, the first import of ``tqdm.auto`` (by datasets, transformers, ...) warns
+    # "IProgress not found" and falls back to the text bar, which is what we want: import it once, quietly.
+    # Every module imports runtime before those libraries, so this import is the first.
+    if "tqdm.auto" in sys.modules or not in_notebook() or _has_widgets():
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        try:
+            import tqdm.auto  # noqa: F401
+        except ImportError:  # no tqdm: nothing will warn either
+            pass
+
+
+_quiet_tqdm_auto()
+# Command lines from dataclasses (training.py, evaluation.py and results.py)
+# --------------------------------------------------------------------------------------------------
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (the value through ``parse_value``), for dict-valued options."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, defaults: bool = True) -> None:
+    """One option per field of the dataclass ``cls`` (``--field-name``), typed by its annotation (``int``,
+    ``float``, ``str``, ``bool`` as ``--x/--no-x``, optionally ``| None``; ``dict`` as repeatable ``KEY=VALUE``),
+    its help text from the field's ``metadata["help"]``. With ``defaults`` an option left out takes the field's
+    default; without, it stays None (left out by ``dataclass_values``: the caller fills it in)."""
+    for spec in dataclasses.fields(cls):
+        option = "--" + spec.name.replace("_", "-")
+        help_text = spec.metadata.get("help", "")
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        given = default if defaults else None
+        type_name = str(spec.type).replace(" | None", "").strip()
+        if type_name.startswith("dict"):
+            parser.add_argument(option, dest=spec.name, type=key_value, action="append", default=None,
+                                metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
+        elif type_name == "bool":
+            parser.add_argument(option, dest=spec.name, action=argparse.BooleanOptionalAction, default=given,
+                                help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(option, dest=spec.name, type=_SCALARS[type_name], default=given,
+                                help=f"{help_text} (default: {default})")
+
+
+def dataclass_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``add_dataclass_options`` as keyword arguments for ``cls``; options that are None are left
+    out (the field's default applies)."""
+    values = {}
+    for spec in dataclasses.fields(cls):
+        value = getattr(namespace, spec.name, None)
+        if str(spec.type).startswith("dict"):
+            values[spec.name] = dict(value or [])
+        elif value is not None:
+            values[spec.name] = value
+    return values

@@ -5,11 +5,15 @@ One builder serves the four training notebooks, the command line and multi-GPU r
     import training
     result = training.train(training.TrainConfig(method="group", lam=0.5))
     training.plot_training_curves(result.output_dir)
-    # evaluate result.adapter_dir with evaluation.py
+    summary = training.evaluate_adapter(result)   # evaluation.evaluate_run on the run folder
 
     python training.py --method group [--lam 0.3 ...]          # train, then evaluate (evaluation.py)
     python training.py                                          # no GPU: the CPU smoke configuration
     accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group
+
+This module holds the run's configuration and its checks, the live view and ``RewardMonitor`` (the step's numbers
+are ``metrics.batch_metrics``), checkpoint records, the backends, the ``train`` flow, the curves and the CLI; the
+evaluation after training is ``evaluation.evaluate_run``.
 
 A method is one entry of ``rewards.METHODS``: ``lam`` reaches the method's length rewards and
 ``reward_params`` reaches any other keyword a reward function takes (e.g. a literature method's own
@@ -40,13 +44,17 @@ free Colab session at best, often two; running again resumes from the last check
 same data order. Disk: ~106 MB a checkpoint (adapter + AdamW state), ~4.2 GB for all 40 (``save_total_limit`` keeps
 fewer). Two GPUs (``accelerate launch``) double the completions per step at about the same step time.
 
-Outputs (``output_dir`` = ``runtime.output_dir(folder, save_to_drive)``, i.e. ``outputs/<folder>`` or Google
-Drive ``MyDrive/length-rl/<folder>``)::
+Outputs (``output_dir`` = ``runtime.run_dir(method, save_to_drive, smoke, folder)``, i.e. ``outputs/<folder>`` or
+Google Drive ``MyDrive/length-rl/<folder>``; the folder of a study method is ``runtime.METHOD_FOLDERS``'s)::
 
-    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, times, versions)
-    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps (the run resumes from the latest)
-    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step)
-    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume)
+    <output_dir>/adapter/            final LoRA adapter + tokenizer + run_config.json (config, sessions, times,
+                                     versions); written last, it marks the run finished (running again re-uses it)
+    <output_dir>/checkpoints/        checkpoint-<step>/ every save_steps, each ending with CHECKPOINT_MARKER (the
+                                     run resumes from the newest complete one)
+    <output_dir>/run_config.json     the run's settings (RUN_IDENTITY is fixed) and each session's
+    <output_dir>/sessions.jsonl      each session's start and end step, seconds and status, updated every step
+    <output_dir>/log_history.json    the trainer's log history (every metric at every logging step), kept current
+    <output_dir>/batches.jsonl       the question ids of every step (proves the data order on resume), each once
     <output_dir>/training_curves.png plot_training_curves()
     <output_dir>/wandb/              Weights & Biases files (offline: ``wandb sync <output_dir>/wandb/offline-run-*``)
 """
@@ -59,7 +67,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,31 +78,24 @@ from pathlib import Path
 from typing import Any
 
 import data
+import metrics
 import rewards
 import runtime
 
-METHOD_FOLDERS = {
-    "baseline": "Baseline",
-    "ans_len": "Ans_len_considering",
-    "group": "Group_method",
-    "group_ans_len": "Group_method_with_ans_len_considering",
-}
 BACKENDS = ("auto", "unsloth", "trl")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# A completion "reached the limit" when it ended within this many tokens of max_completion_length.
-OUT_OF_LIMIT_MARGIN = rewards.OUT_OF_LIMIT_MARGIN
-# Fields that define a run: resuming a folder whose saved run differs in one of them is an error.
-_RUN_IDENTITY = ("method", "lam", "reward_params", "budget", "budget_in_prompt", "model", "num_generations",
-                 "per_device_train_batch_size", "steps_per_generation", "max_completion_length", "train_size",
-                 "max_steps_in_question", "seed", "gsm8k_dir")
-SMOKE_QUESTIONS = 8
+# The settings that may change when a run resumes: where it is written, how often it is saved and logged, and
+# memory-only switches. Every other TrainConfig field shapes what is trained, so it is part of the run's identity
+# (RUN_IDENTITY): resuming with a different value is an error. ``max_steps`` may only grow (train further).
+RESUME_MAY_CHANGE = ("folder", "output_dir", "save_to_drive", "push_to_hub", "hub_repo", "save_steps",
+                     "save_total_limit", "logging_steps", "report_to", "wandb_project", "live_view", "resume", "smoke",
+                     "gradient_checkpointing", "vllm_gpu_memory_utilization")
+# Written last and atomically into a checkpoint folder: the names and sizes of the files saved before it.
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+# log_history.json is rewritten at most this often while training (and at every checkpoint): small on Drive.
+LOG_WRITE_SECONDS = 60.0
 SMOKE_STEPS = 2
-
-
-def default_folder(method: str) -> str:
-    """The notebook folder of a study method, else the method's own name."""
-    return METHOD_FOLDERS.get(method, method)
 
 
 @dataclass
@@ -110,7 +114,7 @@ class TrainConfig:
     model: str = field(default=runtime.MODEL_ID, metadata={
         "help": f"Hub id or local folder of the base model; {runtime.TINY_MODEL!r} = tiny random Qwen2"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: found by runtime.py)"})
-    folder: str | None = field(default=None, metadata={"help": "output folder name (default: METHOD_FOLDERS[method])"})
+    folder: str | None = field(default=None, metadata={"help": "output folder name (default: the method's folder)"})
     output_dir: str | None = field(default=None, metadata={"help": "explicit output folder (overrides folder/drive)"})
     save_to_drive: bool = field(default=False, metadata={"help": "write to Google Drive (Colab)"})
     push_to_hub: bool = field(default=False, metadata={"help": "push the final adapter to the Hub (HF_TOKEN)"})
@@ -167,7 +171,11 @@ class TrainConfig:
         "help": "extra trl.GRPOConfig arguments, KEY=VALUE"})
 
     def resolved_folder(self) -> str:
-        return self.folder or default_folder(self.method)
+        return runtime.run_folder(self.method, folder=self.folder)
+
+
+RUN_IDENTITY = tuple(spec.name for spec in dataclasses.fields(TrainConfig)
+                     if spec.name not in RESUME_MAY_CHANGE and spec.name != "max_steps")
 
 
 @dataclass
@@ -185,6 +193,8 @@ class TrainResult:
     # The trained model and tokenizer, still in memory (main process), so evaluation can reuse them.
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    # True when the run had already finished and was re-used as it was (nothing trained, adapter untouched).
+    reused: bool = False
 
 
 def smoke_config(config: TrainConfig) -> TrainConfig:
@@ -193,157 +203,145 @@ def smoke_config(config: TrainConfig) -> TrainConfig:
     Tiny random Qwen2 with the real tokenizer, 8 GSM8K questions, 2 GRPO steps of 2 groups of 4
     completions of at most 32 tokens, checkpoints every step, ``trl`` backend, local disk.
     """
-    folder = config.resolved_folder()
     return dataclasses.replace(
         config,
         model=runtime.TINY_MODEL,
         backend="trl",
-        train_size=SMOKE_QUESTIONS,
+        train_size=runtime.SMOKE_QUESTIONS,
         max_steps=SMOKE_STEPS if config.max_steps is None else min(config.max_steps, SMOKE_STEPS),
         num_generations=4,
         per_device_train_batch_size=4,
         steps_per_generation=2,
-        max_completion_length=32,
+        max_completion_length=runtime.SMOKE_NEW_TOKENS,
         gradient_checkpointing=False,
         precision="fp32",
         save_steps=1,
         logging_steps=1,
         save_to_drive=False,
         push_to_hub=False,
-        folder=folder if folder.endswith("-smoke") else f"{folder}-smoke",
+        folder=runtime.run_folder(config.method, smoke=True, folder=config.folder),
         smoke=True,
     )
+
+
+def smoke_overrides(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings given explicitly (not TrainConfig's defaults) that the smoke configuration replaces,
+    ``{name: (given, smoke value)}``: smoke mode says what it changed instead of changing it silently."""
+    smoke, defaults = smoke_config(config), TrainConfig()
+    return {spec.name: (getattr(config, spec.name), getattr(smoke, spec.name))
+            for spec in dataclasses.fields(TrainConfig)
+            if spec.name != "smoke" and getattr(config, spec.name) != getattr(defaults, spec.name)
+            and getattr(config, spec.name) != getattr(smoke, spec.name)}
 
 
 # --------------------------------------------------------------------------------------------------
 # Configuration checks (before anything heavy is loaded)
 # --------------------------------------------------------------------------------------------------
 
-def world_size() -> int:
-    """Number of training processes of this launch (``accelerate launch`` / ``torchrun`` set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def reward_params(config: TrainConfig) -> dict[str, Any]:
-    """The keyword parameters for ``rewards.reward_functions``: ``lam`` and the generation limit
-    (``max_completion_length``) for the methods that take them, then ``config.reward_params``."""
-    settings = rewards.method_parameters(config.method)  # raises for an unknown method
-    params: dict[str, Any] = {}
-    if "lam" in settings:
-        params["lam"] = config.lam
-    if "max_completion_length" in settings:  # e.g. DAPO's overlong penalty must use the real limit
-        params["max_completion_length"] = config.max_completion_length
-    params.update(config.reward_params)
-    return params
+    """The keyword parameters for ``rewards.reward_functions``, checked for name, type and range: ``lam`` and the
+    generation limit (``max_completion_length``) for the methods that take them, then ``config.reward_params``
+    (``rewards.effective_params``: a value given twice must agree, so the banner shows what trains)."""
+    return rewards.effective_params(config.method, config.reward_params, lam=config.lam,
+                                    max_completion_length=config.max_completion_length)
 
 
 def check_config(config: TrainConfig) -> None:
-    """Raise a clear error for a configuration that cannot train correctly; loads nothing.
+    """Raise a one-line ``runtime.ConfigError`` for a configuration that cannot train correctly; loads nothing.
 
     The group rewards compare the completions of one question, and TRL computes rewards on each process
     for that process's own completions. So every process must hold whole groups:
     ``per_device_train_batch_size * steps_per_generation`` (the completions one process generates at a
     time) must be a multiple of ``num_generations``. TRL itself only asks this of the sum over processes.
     """
+    error = runtime.ConfigError
     if config.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+        raise error(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     # These decide how completions are split across processes and steps: set them on TrainConfig, where the
     # whole-group check below sees them, never through grpo_overrides.
     guarded = sorted({"per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                       "num_generations", "generation_batch_size"} & set(config.grpo_overrides))
     if guarded:
-        raise ValueError(f"grpo_overrides may not set {guarded}: use the TrainConfig fields, which are checked "
-                         "for whole groups per process")
+        raise error(f"grpo_overrides may not set {guarded}: use the TrainConfig fields, which are checked "
+                    "for whole groups per process")
     if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        raise error(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.report_to not in {"wandb", "none"}:
-        raise ValueError(f"report_to must be 'wandb' or 'none', got {config.report_to!r}")
+        raise error(f"report_to must be 'wandb' or 'none', got {config.report_to!r}")
     for name in ("num_generations", "per_device_train_batch_size", "steps_per_generation", "max_completion_length",
-                 "train_size", "save_steps", "logging_steps", "lora_r", "max_prompt_length"):
+                 "train_size", "save_steps", "logging_steps", "lora_r", "max_prompt_length", "max_steps_in_question"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise error(f"{name} must be a positive integer, got {value!r}")
     if config.num_generations < 2:
-        raise ValueError("num_generations must be at least 2: GRPO compares completions within a group")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"max_steps must be positive or None, got {config.max_steps}")
+        raise error("num_generations must be at least 2: GRPO compares completions within a group")
+    for name in ("max_steps", "save_total_limit"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise error(f"{name} must be a positive integer or None, got {value!r}")
     per_process = config.per_device_train_batch_size * config.steps_per_generation
     if per_process % config.num_generations:
-        raise ValueError(
+        raise error(
             "groups would be split across processes: per_device_train_batch_size "
             f"({config.per_device_train_batch_size}) x steps_per_generation ({config.steps_per_generation}) = "
             f"{per_process} completions per process is not a multiple of num_generations "
             f"({config.num_generations}). Group rewards need each question's {config.num_generations} completions "
             "on one process; e.g. use steps_per_generation="
-            f"{_next_multiple(per_process, config.num_generations) // config.per_device_train_batch_size}.")
+            f"{runtime.round_up(per_process, config.num_generations) // config.per_device_train_batch_size}.")
     if not 0 < config.learning_rate < 1:
-        raise ValueError(f"learning_rate must be in (0, 1), got {config.learning_rate}")
-    if config.beta < 0:
-        raise ValueError(f"beta must be >= 0, got {config.beta}")
+        raise error(f"learning_rate must be in (0, 1), got {config.learning_rate}")
+    if not 0 <= config.warmup_ratio <= 1:
+        raise error(f"warmup_ratio must be in [0, 1], got {config.warmup_ratio}")
+    if not (math.isfinite(config.beta) and config.beta >= 0):
+        raise error(f"beta must be >= 0, got {config.beta}")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise error(f"temperature must be > 0, got {config.temperature}")
+    # A negative λ would turn every length penalty into a bonus for rambling.
+    if not (isinstance(config.lam, (int, float)) and math.isfinite(config.lam) and config.lam >= 0):
+        raise error(f"lam must be a number >= 0, got {config.lam!r}")
     if config.push_to_hub and not config.hub_repo:
-        raise ValueError("push_to_hub=True needs hub_repo, e.g. 'your-name/qwen-gsm8k-group'")
+        raise error("push_to_hub=True needs hub_repo, e.g. 'your-name/qwen-gsm8k-group'")
     if config.push_to_hub and not runtime.get_secret("HF_TOKEN"):
-        raise ValueError("push_to_hub=True needs an HF_TOKEN (Colab secret or environment variable)")
-    rewards.reward_functions(config.method, **reward_params(config))  # unknown method or parameter: error now
+        raise error("push_to_hub=True needs an HF_TOKEN (Colab secret or environment variable)")
+    _check_local_paths(config)
+    _check_reward_params(config)
     if "target_length" in rewards.method_columns(config.method) and config.budget is None:
-        raise ValueError(f"method {config.method!r} needs a per-question target_length: set budget to one of "
-                         "budgets.KINDS ('steps', 'reference', 'question')")
+        raise error(f"method {config.method!r} needs a per-question target_length: set budget to one of "
+                    "budgets.KINDS ('steps', 'reference', 'question')")
 
 
-def _next_multiple(value: int, base: int) -> int:
-    return -(-value // base) * base
+def _looks_like_local_path(name: str) -> bool:
+    # A Hub repo id is "name" or "owner/name"; anything absolute, relative or deeper is a folder on this machine.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name[1:2] == ":"
+
+
+def _check_local_paths(config: TrainConfig) -> None:
+    if config.model != runtime.TINY_MODEL and _looks_like_local_path(config.model):
+        if not Path(config.model).expanduser().is_dir():
+            raise runtime.ConfigError(f"model {config.model!r}: no such local folder (a Hub model is given as "
+                                      "'owner/name', e.g. 'Qwen/Qwen2.5-0.5B-Instruct')")
+    for name in ("tokenizer", "gsm8k_dir"):
+        value = getattr(config, name)
+        if value and not Path(value).expanduser().exists():
+            raise runtime.ConfigError(f"{name} {value!r}: no such local folder")
+
+
+def _check_reward_params(config: TrainConfig) -> None:
+    """Unknown method or parameter, a parameter of the wrong type or range, or one that contradicts the
+    TrainConfig field that sets it (``lam``, ``max_completion_length``): an error now, not after hours."""
+    if config.method not in rewards.METHODS:
+        raise runtime.ConfigError(f"unknown method {config.method!r}; choose one of {sorted(rewards.METHODS)}")
+    try:
+        rewards.reward_functions(config.method, **reward_params(config))
+    except runtime.ConfigError:
+        raise
+    except (ValueError, TypeError) as problem:
+        raise runtime.ConfigError(str(problem)) from None
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics (pure functions, unit-tested) and the live view
+# The live view (the step's metrics are metrics.batch_metrics)
 # --------------------------------------------------------------------------------------------------
-
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Pearson correlation of two equally long sequences; None when undefined (< 2 points or no spread)."""
-    if len(xs) != len(ys):
-        raise ValueError(f"pearson needs sequences of equal length, got {len(xs)} and {len(ys)}")
-    n = len(xs)
-    if n < 2:
-        return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    dx = [float(x) - mean_x for x in xs]
-    dy = [float(y) - mean_y for y in ys]
-    sxx, syy = sum(d * d for d in dx), sum(d * d for d in dy)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return max(-1.0, min(1.0, sum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)))
-
-
-def out_of_limit(lengths: Sequence[int], limit: int, margin: int = OUT_OF_LIMIT_MARGIN) -> float:
-    """Fraction of completions that reached the token limit or ended within ``margin`` tokens of it."""
-    if not lengths:
-        raise ValueError("out_of_limit needs at least one completion")
-    return sum(1 for n in lengths if rewards.is_out_of_limit(n, limit, margin)) / len(lengths)
-
-
-# The same definition as evaluation's (one source: rewards.py).
-model_efficiency = rewards.model_efficiency
-
-
-def batch_metrics(lengths: Sequence[int], question_lengths: Sequence[int], reference_lengths: Sequence[int],
-                  correct: Sequence[bool], format_ok: Sequence[bool], limit: int) -> dict[str, float]:
-    """The step's metrics over its completions; undefined ones (e.g. a correlation without spread) are left out."""
-    n = len(lengths)
-    if n == 0:
-        raise ValueError("batch_metrics needs at least one completion")
-    if not n == len(question_lengths) == len(reference_lengths) == len(correct) == len(format_ok):
-        raise ValueError("batch_metrics needs one value per completion in every column")
-    metrics: dict[str, float | None] = {
-        "accuracy": sum(map(bool, correct)) / n,
-        "format_accuracy": sum(map(bool, format_ok)) / n,
-        "mean_length": sum(lengths) / n,
-        "out_of_limit": out_of_limit(lengths, limit),
-        "model_efficiency": model_efficiency(reference_lengths, lengths, correct),
-        "question_vs_response_length_correlation": pearson(question_lengths, lengths),
-        "answer_vs_response_length_correlation": pearson(reference_lengths, lengths),
-    }
-    return {name: float(value) for name, value in metrics.items() if value is not None}
-
 
 def completion_symbol(correct: bool, format_ok: bool) -> str:
     """✔ correct answer; ★ right format, wrong answer; ✗ otherwise."""
@@ -395,19 +393,9 @@ def trainer_metric_logger(trainer: Any) -> Callable[[str, float], None]:
     return log_metric
 
 
-def _distributed() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(items: list[Any]) -> list[list[Any]]:
     """Every process's ``items`` (a list per process); collective, so every process must call it."""
-    size = _distributed()[1]
+    size = runtime.world_size()
     if size == 1:
         return [items]
     import torch.distributed as dist
@@ -466,13 +454,21 @@ class RewardMonitor:
         return reward
 
     def observe(self, totals: Sequence[float], completions: Sequence, completion_ids: Sequence,
-                answer: Sequence, question_length: Sequence[int], reference_length: Sequence[int],
-                question_id: Sequence | None = None, prompts: Sequence | None = None,
-                log_metric: Callable[[str, float], None] | None = None, trainer_state: Any = None,
-                **_: Any) -> dict[str, float]:
-        """Log the batch's metrics, print the live view, record the question order; returns the metrics."""
+                **batch: Any) -> dict[str, float]:
+        """Log the batch's metrics, print the live view, record the question order; returns the metrics.
+
+        ``batch`` is what TRL passes a reward function besides the completions: the dataset columns ``answer``,
+        ``question_length`` and ``reference_length`` (needed) and ``question_id``, and ``prompts``,
+        ``log_metric`` and ``trainer_state`` where TRL gives them."""
+        needed = ("answer", "question_length", "reference_length")
+        missing = [name for name in needed if name not in batch]
+        if missing:
+            raise ValueError(f"the reward batch lacks the dataset column(s) {missing} (data.training_dataset has them)")
+        answer, question_length, reference_length = (batch[name] for name in needed)
+        question_id, prompts = batch.get("question_id"), batch.get("prompts")
+        log_metric, trainer_state = batch.get("log_metric"), batch.get("trainer_state")
         keys = rewards.group_keys(len(completions), prompts, question_id)
-        rank, size = _distributed()
+        rank = runtime.rank()
         local = [{
             "group": key if question_id is not None else f"#{index // self.num_generations}",
             "question_id": key if question_id is not None else None,
@@ -487,16 +483,17 @@ class RewardMonitor:
         } for index, (key, text, ids, gold, q, r, total) in enumerate(
             zip(keys, completions, completion_ids, answer, question_length, reference_length, totals))]
         records = [record for part in _gather(local) for record in part]
-        metrics = batch_metrics([r["length"] for r in records], [r["question_length"] for r in records],
-                                [r["reference_length"] for r in records], [r["correct"] for r in records],
-                                [r["format_ok"] for r in records], self.max_completion_length)
-        metrics["whole_groups"] = whole_group_fraction(records, self.num_generations)
-        self.last_metrics = metrics
+        step_metrics = metrics.batch_metrics(
+            [r["length"] for r in records], [r["question_length"] for r in records],
+            [r["reference_length"] for r in records], [r["correct"] for r in records],
+            [r["format_ok"] for r in records], self.max_completion_length)
+        step_metrics["whole_groups"] = metrics.whole_group_fraction(records, self.num_generations)
+        self.last_metrics = step_metrics
         log = log_metric
         if log is None and self.trainer is not None:
             log = trainer_metric_logger(self.trainer)
         if log is not None:
-            for name, value in metrics.items():
+            for name, value in step_metrics.items():
                 log(name, value)
         step = trainer_state.global_step + 1 if trainer_state is not None else None
         if rank == 0:
@@ -508,19 +505,7 @@ class RewardMonitor:
                 with self.batches_file.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"step": step, "question_ids": [r["question_id"] for r in records],
                                              "processes": [r["process"] for r in records]}) + "\n")
-        _ = size
-        return metrics
-
-
-def whole_group_fraction(records: Sequence[dict[str, Any]], num_generations: int) -> float:
-    """Fraction of (process, question) groups holding exactly ``num_generations`` completions (1.0 = all whole)."""
-    counts: dict[tuple[Any, Any], int] = {}
-    for record in records:
-        key = (record.get("process", 0), record["group"])
-        counts[key] = counts.get(key, 0) + 1
-    if not counts:
-        raise ValueError("whole_group_fraction needs at least one completion")
-    return sum(1 for count in counts.values() if count == num_generations) / len(counts)
+        return step_metrics
 
 
 def _format_number(value: float | None) -> str | None:
@@ -533,38 +518,204 @@ def _format_number(value: float | None) -> str | None:
 # Checkpoints, run records
 # --------------------------------------------------------------------------------------------------
 
-def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` folder (one with ``trainer_state.json``, which the trainer
-    writes last), so a checkpoint cut short by a disconnect is skipped rather than breaking the resume."""
+def _checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.split("-", 1)[1] if "-" in path.name else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why a ``checkpoint-<step>`` folder cannot be resumed from; None when it is complete.
+
+    Complete means: its completion marker (``CHECKPOINT_MARKER``, written last and atomically) exists, every
+    file it lists has the recorded size (a kill mid-save, a truncated copy or a half-synced Drive file fails
+    this), and ``trainer_state.json`` is valid JSON for that step."""
+    folder = Path(checkpoint)
+    try:
+        files = json.loads((folder / CHECKPOINT_MARKER).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_MARKER} (saving it was cut short)"
+    except (ValueError, KeyError, TypeError):
+        return f"{CHECKPOINT_MARKER} is unreadable"
+    for name, size in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)"
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or not valid JSON"
+    if state.get("global_step") != _checkpoint_step(folder):
+        return f"trainer_state.json is for step {state.get('global_step')}"
+    return None
+
+
+def find_checkpoint(checkpoints_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint or None, [(each newer checkpoint skipped, why), newest first])."""
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
-        return None
-    complete = []
-    for path in folder.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            complete.append((int(suffix), path))
-    return max(complete)[1] if complete else None
+        return None, []
+    candidates = sorted(((step, path) for path in folder.glob("checkpoint-*")
+                         if path.is_dir() and (step := _checkpoint_step(path)) is not None), reverse=True)
+    skipped = []
+    for _, path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` folder (see ``checkpoint_problem``), so a checkpoint cut short
+    by a disconnect or corrupted later is skipped rather than breaking the resume."""
+    return find_checkpoint(checkpoints_dir)[0]
+
+
+def mark_checkpoint_complete(checkpoint: str | os.PathLike) -> Path:
+    """Write the completion marker of a saved checkpoint: each of its files with its size, atomically, last."""
+    folder = Path(checkpoint)
+    files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != CHECKPOINT_MARKER and not path.name.endswith(".tmp")}
+    return runtime.write_atomic(folder / CHECKPOINT_MARKER, json.dumps(
+        {"step": _checkpoint_step(folder), "files": files, "written": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+
+
+def _rotate_checkpoints(checkpoints_dir: Path, keep: int | None) -> None:
+    # Done here, after the newest checkpoint is marked complete (the trainer's own rotation runs before): a kill
+    # in between never leaves fewer than `keep` complete checkpoints.
+    if keep is None:
+        return
+    complete = sorted((step, path) for path in checkpoints_dir.glob("checkpoint-*")
+                      if (step := _checkpoint_step(path)) is not None and checkpoint_problem(path) is None)
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _set_aside(skipped: Sequence[tuple[Path, str]]) -> None:
+    """Rename incomplete checkpoints newer than the resume point (``checkpoint-N.incomplete``): the resumed run
+    saves ``checkpoint-N`` again and must not write into a folder holding a stale marker or files."""
+    for path, _ in skipped:
+        target = path.with_name(f"{path.name}.incomplete")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        path.rename(target)
+
+
+def _rng_snapshot() -> dict[str, Any]:
+    """The random states a checkpoint saves (python, numpy, torch CPU and CUDA), as at the end of a step."""
+    import random
+
+    import numpy as np
+    import torch
+
+    snapshot: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                                "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        snapshot["cuda"] = torch.cuda.random.get_rng_state_all()
+    return snapshot
+
+
+def _restore_rng(snapshot: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(snapshot["python"])
+    np.random.set_state(snapshot["numpy"])
+    torch.random.set_rng_state(snapshot["cpu"])
+    if "cuda" in snapshot:
+        torch.cuda.random.set_rng_state_all(snapshot["cuda"])
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _check_same_run(output_dir: Path, config: TrainConfig) -> None:
-    saved_path = output_dir / "run_config.json"
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text(encoding="utf-8")).get("config", {})
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _check_same_run(output_dir: Path, config: TrainConfig, saved: dict[str, Any]) -> None:
+    """Every RUN_IDENTITY field must equal the saved run's: resuming with another value would mix two runs."""
     current = _jsonable(dataclasses.asdict(config))
-    different = [name for name in _RUN_IDENTITY if name in saved and saved[name] != current[name]]
+    different = [name for name in RUN_IDENTITY if name in saved and saved[name] != current[name]]
     if different:
         details = ", ".join(f"{name}: saved {saved[name]!r} vs now {current[name]!r}" for name in different)
-        raise ValueError(f"{output_dir} holds a different run ({details}); choose another folder or delete it")
+        raise runtime.ConfigError(
+            f"{output_dir} holds a different run ({details}); resuming would mix two runs: keep the saved "
+            "value, or choose another folder (folder/output_dir)")
+
+
+def _finished_record(output_dir: Path) -> dict[str, Any] | None:
+    """The final record of a run whose adapter was saved (written last, after the adapter), else None."""
+    record = _read_json(output_dir / "adapter" / "run_config.json")
+    if record is None or not (output_dir / "adapter" / "adapter_config.json").is_file():
+        return None
+    return record
 
 
 def _write_json(path: Path, payload: Any) -> None:
     runtime.write_atomic(path, json.dumps(_jsonable(payload), indent=2))  # a disconnect never leaves half a file
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in data.iter_jsonl(path)] if path.is_file() else []
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    runtime.write_atomic(path, "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
+
+
+def _update_session(output_dir: Path, session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rewrite ``sessions.jsonl`` (atomically) with this session's entry in place; returns every session.
+
+    One line per training session: its number, start and end step, seconds of training and status
+    (``running`` while it trains, then ``finished`` or ``interrupted``; a session still ``running`` when the
+    next one starts was killed, its time counted up to its last finished step)."""
+    path = output_dir / "sessions.jsonl"
+    sessions = _read_jsonl(path)
+    numbers = [entry.get("session", index + 1) for index, entry in enumerate(sessions)]
+    if session["session"] in numbers:
+        sessions[numbers.index(session["session"])] = dict(session)
+    else:
+        sessions.append(dict(session))
+    _write_jsonl(path, sessions)
+    return sessions
+
+
+def _start_session(output_dir: Path, start_step: int) -> dict[str, Any]:
+    """A new ``sessions.jsonl`` entry; sessions left ``running`` by a killed process are marked ``killed``."""
+    path = output_dir / "sessions.jsonl"
+    sessions = _read_jsonl(path)
+    for entry in sessions:
+        if entry.get("status") == "running":
+            entry.update(status="killed", interrupted=True)
+    _write_jsonl(path, sessions)
+    return {"session": len(sessions) + 1, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": start_step,
+            "end_step": start_step, "seconds": 0.0, "status": "running", "interrupted": False}
+
+
+def _keep_batches_until(output_dir: Path, step: int) -> None:
+    """batches.jsonl keeps the steps up to the resume point; later ones were lost with the process and are
+    trained again, so each step appears once."""
+    path = output_dir / "batches.jsonl"
+    rows = _read_jsonl(path)
+    kept = [row for row in rows if row.get("step") is not None and row["step"] <= step]
+    if len(kept) != len(rows):
+        _write_jsonl(path, kept)
+
+
+def _mark_resumed_step(output_dir: Path, step: int, resumed_from: str) -> None:
+    """Mark the first step a resumed session trained in batches.jsonl (``resumed_from``: its checkpoint)."""
+    path = output_dir / "batches.jsonl"
+    rows = _read_jsonl(path)
+    for row in rows:
+        if row.get("step") == step:
+            row["resumed_from"] = resumed_from
+    _write_jsonl(path, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,12 +777,6 @@ def resolve_precision(precision: str) -> str:
     return runtime.default_precision() if precision == "auto" else precision
 
 
-def _torch_dtype(precision: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
 def _vllm_available() -> bool:
     import importlib.util
 
@@ -647,7 +792,7 @@ def _load_trl_model(config: TrainConfig, tokenizer, precision: str):
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_torch_dtype(precision),
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=runtime.torch_dtype(precision),
                                                      attn_implementation="sdpa")
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
                              target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
@@ -666,7 +811,7 @@ def _load_unsloth_model(config: TrainConfig, precision: str, fast_inference: boo
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=config.model,
         max_seq_length=config.max_prompt_length + config.max_completion_length,
-        dtype=_torch_dtype(precision),  # the precision both backends resolved (runtime.default_precision)
+        dtype=runtime.torch_dtype(precision),  # the precision both backends resolved (runtime.default_precision)
         load_in_4bit=False,  # 0.5B fits in 16 bit; 4-bit would change the model under study
         fast_inference=fast_inference,  # vLLM generation
         max_lora_rank=config.lora_r,
@@ -728,7 +873,7 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,
-        "save_total_limit": config.save_total_limit,
+        "save_total_limit": None,  # rotated after the completion marker (RunKeeper), never before
         "report_to": [] if config.report_to == "none" else [config.report_to],
         # Both backends say the same (Unsloth's own notebooks keep TRL's default, True; its model-level "unsloth"
         # checkpointing comes from get_peft_model). Reentrant, as Unsloth pins it (rl.py, RLConfig_post) and as
@@ -1230,17 +1375,16 @@ class FirstMinutesReport:
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """The configuration ``train`` runs: the smoke configuration when asked or when ``runtime.smoke_mode()``."""
-    smoke = runtime.smoke_mode() if config.smoke is None else config.smoke
-    return smoke_config(config) if smoke else config
+    return smoke_config(config) if runtime.wants_smoke(config.smoke) else config
 
 
 def run_output_dir(config: TrainConfig) -> Path:
-    """``config.output_dir`` when given, else ``runtime.output_dir(folder, save_to_drive)``."""
+    """``config.output_dir`` when given, else ``runtime.run_dir(method, save_to_drive, smoke, folder)``."""
     if config.output_dir:
         path = Path(config.output_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return runtime.output_dir(config.resolved_folder(), config.save_to_drive)
+    return runtime.run_dir(config.method, config.save_to_drive, bool(config.smoke), config.folder)
 
 
 def _setup_wandb(config: TrainConfig, output_dir: Path) -> str:
@@ -1257,25 +1401,6 @@ def _setup_wandb(config: TrainConfig, output_dir: Path) -> str:
     return mode
 
 
-def _save_emergency_checkpoint(trainer, checkpoints_dir: Path) -> Path | None:
-    """On Ctrl-C: save a full checkpoint (adapter, optimizer, scheduler, RNG, state) at the last finished step."""
-    step = trainer.state.global_step
-    target = checkpoints_dir / f"checkpoint-{step}"
-    if step == 0 or (target / "trainer_state.json").is_file() or _distributed()[1] > 1:
-        return None  # nothing learned yet, already saved, or other processes cannot join the save
-    logged = [entry.get("step") for entry in trainer.state.log_history]
-    if step not in logged and trainer._metrics["train"]:
-        # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
-        trainer.log({})
-    # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
-    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
-    try:
-        trainer._save_checkpoint(trainer.model, trial=None)
-    finally:
-        trainer.args.save_total_limit = limit
-    return target
-
-
 def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, token: str | None = None) -> str:
     """Upload the adapter folder (weights, tokenizer, run_config.json) to a private Hub repository."""
     from huggingface_hub import HfApi
@@ -1289,23 +1414,234 @@ def push_adapter(adapter_dir: str | os.PathLike, repo_id: str, token: str | None
     return f"https://huggingface.co/{repo_id}"
 
 
-def _import_wandb_early() -> None:
-    # TRL imports wandb whenever it is installed. wandb's pydantic models look up their source module
-    # (inspect.getmodule scans sys.modules) at import, so importing it before torch/transformers fill sys.modules
-    # is ~3x faster (44 s -> 16 s for `from trl import GRPOTrainer` on a 2-core machine).
+def _save_emergency_checkpoint(trainer, checkpoints_dir: Path,
+                               snapshot: tuple[int, dict[str, Any], int] | None) -> Path | None:
+    """After an immediate stop (KeyboardInterrupt outside a step's end): save a full checkpoint (adapter,
+    optimizer, scheduler, RNG, state) at the last finished step, as the regular schedule would have saved it.
+
+    ``snapshot`` is that step's (step, random states, tokens seen) taken at its end: the unfinished step has
+    already drawn random numbers and counted its prompt and completion tokens, and a resumed run must continue
+    from the finished step's values to repeat the uninterrupted run."""
+    step = trainer.state.global_step
+    target = checkpoints_dir / f"checkpoint-{step}"
+    if step == 0 or checkpoint_problem(target) is None or runtime.world_size() > 1:
+        return None  # nothing learned yet, already saved, or other processes cannot join the save
+    if snapshot is not None and snapshot[0] == step:
+        _restore_rng(snapshot[1])
+        trainer.state.num_input_tokens_seen = snapshot[2]
+    logged = [entry.get("step") for entry in trainer.state.log_history]
+    if step not in logged and trainer._metrics["train"]:
+        # Interrupted between the optimizer step and its logging: keep that step's metrics (without the loss).
+        trainer.log({})
+    # _save_checkpoint rotates old checkpoints when save_total_limit is set: an interruption must delete none.
+    limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None
     try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
+        trainer._save_checkpoint(trainer.model, trial=None)
+    finally:
+        trainer.args.save_total_limit = limit
+    mark_checkpoint_complete(target)
+    return target
+
+
+def _run_keeper(output_dir: Path, session: dict[str, Any], save_total_limit: int | None,
+                resumed_from: Path | None):
+    """The trainer callback that keeps a run's records true while it trains (see RunKeeper)."""
+    from transformers import TrainerCallback
+
+    class RunKeeper(TrainerCallback):
+        """Records written as training goes, and SIGINT/SIGTERM turned into a checkpoint.
+
+        - Each checkpoint gets its completion marker once the trainer has saved it; old ones are rotated after.
+        - ``sessions.jsonl`` (every step) and ``log_history.json`` (every checkpoint, and at most every
+          ``LOG_WRITE_SECONDS``) are rewritten atomically, so a killed run keeps its time and its curves.
+        - The random states and token count at each step's end are kept for an emergency checkpoint.
+        - A stop signal that arrives between a step's optimizer update and the end of its logging and saving
+          (``critical``) lets the step finish, then the trainer saves it and stops; elsewhere (generation, most
+          of a step) it stops at once (``KeyboardInterrupt``) and ``train`` saves the last finished step.
+        """
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.signal: int | None = None
+            self.critical = False
+            self.saving = False
+            self.snapshot: tuple[int, dict[str, Any], int] | None = None
+            self.started = time.perf_counter()
+            self.logs_written = -math.inf
+
+        def request_stop(self, signum: int, frame: Any) -> None:
+            """Signal handler for SIGINT and SIGTERM (main thread, one process)."""
+            first = self.signal is None
+            self.signal = signum
+            if self.saving:
+                print(f"{signal.Signals(signum).name}: saving the checkpoint, then stopping", flush=True)
+                return
+            if first and self.critical:
+                print(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping "
+                      "(send it again to stop at once)", flush=True)
+                return
+            raise KeyboardInterrupt
+
+        def seconds(self) -> float:
+            return round(time.perf_counter() - self.started, 2)
+
+        def write_logs(self, state: Any) -> None:
+            _write_json(output_dir / "log_history.json", state.log_history)
+            self.logs_written = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            state.compute_steps(args, state.max_steps)  # a resumed state keeps its old save/logging steps otherwise
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.critical = False
+            if self.signal is not None:  # came while the last step was logged or saved: it is complete, stop now
+                raise KeyboardInterrupt
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.critical = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.snapshot = (state.global_step, _rng_snapshot(), state.num_input_tokens_seen)
+            if self.signal is not None:
+                control.should_save = control.should_training_stop = True
+            if state.is_world_process_zero:
+                session.update(end_step=state.global_step, seconds=self.seconds())
+                _update_session(output_dir, session)
+                if resumed_from is not None and state.global_step == session["start_step"] + 1:
+                    _mark_resumed_step(output_dir, state.global_step, resumed_from.name)
+            return control
+
+        def on_log(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and time.perf_counter() - self.logs_written >= LOG_WRITE_SECONDS:
+                self.write_logs(state)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.trainer is not None:
+                self.trainer.accelerator.wait_for_everyone()  # every process has written its files
+            if state.is_world_process_zero:
+                self.write_logs(state)  # first: a complete checkpoint's steps are always in log_history.json
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                _rotate_checkpoints(Path(args.output_dir), save_total_limit)
+
+    return RunKeeper()
+
+
+def _catch_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Route SIGINT and SIGTERM to ``handler``; returns the previous handlers. Only the main thread of a
+    single-process run (several processes would have to agree on the step to stop at)."""
+    if threading.current_thread() is not threading.main_thread() or runtime.world_size() > 1:
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _end_session(output_dir: Path, session: dict[str, Any], keeper: Any, trainer: Any, status: str) -> None:
+    if trainer.accelerator.is_main_process:
+        session.update(end_step=trainer.state.global_step, seconds=keeper.seconds(), status=status,
+                       interrupted=status != "finished")
+        _update_session(output_dir, session)
+        keeper.write_logs(trainer.state)
+
+
+# Files of a checkpoint that only resuming needs; the rest (adapter, tokenizer) is what adapter/ holds.
+_TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                         CHECKPOINT_MARKER)
+
+
+def _before_new_adapter(output_dir: Path) -> None:
+    """A run trained further gets a new adapter: first its old final record goes (so a stop while the new adapter
+    is written leaves an unfinished run, not a finished one with a mixed adapter), and the old adapter's
+    evaluation moves to ``eval-step-<step>`` (it must not pass for the new adapter's)."""
+    record = _finished_record(output_dir)
+    if record is None:
+        return
+    if (output_dir / "eval").is_dir():
+        target = output_dir / f"eval-step-{record.get('global_step')}"
+        shutil.rmtree(target, ignore_errors=True)
+        (output_dir / "eval").rename(target)
+        print(f"The step-{record.get('global_step')} adapter's evaluation moved to {target}", flush=True)
+    (output_dir / "adapter" / "run_config.json").unlink()
+
+
+def _final_record(run: dict[str, Any], sessions: list[dict[str, Any]], global_step: int, max_steps: int,
+                  train_seconds: float, resumed_from: Path | None) -> dict[str, Any]:
+    """adapter/run_config.json: the run's settings, each session (settings and time) and the totals."""
+    progress = {entry.get("session"): entry for entry in sessions}
+    merged = [{**entry, **progress.get(entry.get("session"), {})} for entry in run.get("sessions", [])]
+    return {
+        **{key: value for key, value in run.items() if key != "sessions"},
+        "train_seconds": train_seconds, "train_seconds_total": sum(s.get("seconds", 0.0) for s in sessions),
+        "global_step": global_step, "max_steps": max_steps, "resumed_from": str(resumed_from) if resumed_from else None,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": runtime.library_versions(), "sessions": merged,
+    }
+
+
+def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainConfig) -> TrainResult:
+    """The run trained its last step but was stopped before saving the adapter: the last checkpoint holds the
+    trained adapter and tokenizer, so copy them into adapter/ (nothing is trained again)."""
+    adapter_dir = output_dir / "adapter"
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    run = _read_json(output_dir / "run_config.json") or {"config": dataclasses.asdict(config)}
+    result = TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
+                         log_history=state["log_history"], resumed_from=str(checkpoint),
+                         global_step=state["global_step"], backend=run.get("backend", "trl"), config=config)
+    if runtime.rank() != 0:
+        return result  # the main process writes
+    _before_new_adapter(output_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in _TRAINING_STATE_FILES and not path.name.startswith("rng_state"):
+            shutil.copy2(path, adapter_dir / path.name)
+    _start_session(output_dir, state["global_step"])  # marks the killed session
+    sessions = _read_jsonl(output_dir / "sessions.jsonl")
+    _write_json(output_dir / "log_history.json", state["log_history"])
+    _write_json(adapter_dir / "run_config.json",
+                _final_record(run, sessions, state["global_step"], state["max_steps"], 0.0, checkpoint))
+    print(f"{checkpoint} is the run's last step: its adapter saved to {adapter_dir} (nothing trained again)",
+          flush=True)
+    return result
+
+
+def _reuse_finished(output_dir: Path, record: dict[str, Any], config: TrainConfig) -> TrainResult:
+    done = record["global_step"]
+    print(f"{output_dir} holds a finished run ({done} steps): re-using it (nothing trained, adapter unchanged). To "
+          f"train further, give max_steps > {done} (it continues from its last checkpoint); for a new run, choose "
+          "another folder.", flush=True)
+    history_file = output_dir / "log_history.json"
+    return TrainResult(output_dir=output_dir, adapter_dir=output_dir / "adapter", train_seconds=0.0,
+                       log_history=load_log_history(output_dir) if history_file.is_file() else [],
+                       resumed_from=None, global_step=done, backend=record.get("backend", "trl"), config=config,
+                       reused=True)
+
+
+def _session_changes(previous: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
+    """The settings allowed to change on resume (RESUME_MAY_CHANGE, max_steps) that this session changes."""
+    now = _jsonable(dataclasses.asdict(config))
+    return {name: [previous[name], now[name]] for name in (*RESUME_MAY_CHANGE, "max_steps")
+            if name in previous and previous[name] != now[name]}
+
+
+def _planned_dir(config: TrainConfig) -> Path | None:
+    # Where run_output_dir will write, without creating it (None on Drive, which must be mounted first).
+    if config.output_dir:
+        return Path(config.output_dir).expanduser()
+    return None if config.save_to_drive else Path("outputs") / config.resolved_folder()
 
 
 def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainResult:
     """Build and run one GRPO training run; returns where everything was saved.
 
-    Resumes from the newest complete checkpoint in ``<output_dir>/checkpoints`` (same data order: the
-    sampler is seeded and the trainer skips the batches already seen). On Ctrl-C an emergency checkpoint is
-    saved and the interrupt re-raised; checkpoints already written are never removed by an interruption.
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
+    A folder holds one run. Running again resumes it from the newest complete checkpoint in
+    ``<output_dir>/checkpoints`` (same data order: the sampler is seeded and the trainer skips the batches
+    already seen); a finished run is re-used as it is (``TrainResult.reused``) unless ``max_steps`` asks for
+    more steps. A setting of RUN_IDENTITY that differs from the saved run's is a ``runtime.ConfigError``, as is
+    every other configuration problem found before the model loads (then no folder is left behind).
+
+    SIGINT (Ctrl-C) and SIGTERM save a checkpoint first: at the end of the step when the signal comes while a
+    step is being completed, else (and on a second signal) an emergency checkpoint of the last finished step.
+    Then SIGINT raises ``KeyboardInterrupt`` and SIGTERM ends the process as it would have. Checkpoints already
+    written are never removed by an interruption. ``callbacks`` are extra ``transformers.TrainerCallback``
+    objects.
     """
     original = config
     config = resolve_config(config)
@@ -1313,36 +1649,104 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
         print(f"Smoke mode ({'no CUDA GPU' if not runtime.has_cuda() else 'requested'}): tiny random Qwen2, "
               f"{config.train_size} questions, {config.max_steps} GRPO steps, {config.max_completion_length}-token "
               f"completions, backend trl — not a real training run.", flush=True)
+        replaced = smoke_overrides(original)
+        if replaced:
+            print("Smoke mode replaced: " + ", ".join(f"{name} {given!r} -> {value!r}"
+                                                      for name, (given, value) in replaced.items()), flush=True)
     check_config(config)  # before anything heavy: a bad configuration fails in seconds
+    planned = _planned_dir(config)
+    created = [] if planned is None else [p for p in (planned, *planned.parents) if not p.exists()]
+    try:
+        return _train(config, callbacks)
+    except BaseException:
+        for path in created:  # a run that failed before writing anything leaves no folder behind
+            try:
+                path.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     output_dir = run_output_dir(config)
     checkpoints_dir = output_dir / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints_dir) if config.resume else None
-    if not config.resume and latest_checkpoint(checkpoints_dir) is not None:
-        raise ValueError(f"{checkpoints_dir} already holds checkpoints and resume=False; "
-                         "choose another folder, delete them, or resume")
-    _check_same_run(output_dir, config)
+    saved_run = _read_json(output_dir / "run_config.json") or {}
+    saved = saved_run.get("config") or {}
+    _check_same_run(output_dir, config, saved)
+    if config.resume and config.max_steps is None and saved.get("max_steps") is not None:
+        config = dataclasses.replace(config, max_steps=saved["max_steps"])  # the run's plan, unless asked for more
+    record = _finished_record(output_dir)
+    resume_from, skipped = find_checkpoint(checkpoints_dir)
+    if not config.resume and (record is not None or resume_from is not None or skipped):
+        raise runtime.ConfigError(f"{output_dir} already holds a run and resume=False; choose another folder, "
+                                  "delete it, or resume")
+    start_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    target = config.max_steps
+    if record is not None:
+        done = record["global_step"]
+        target = config.max_steps if config.max_steps is not None else record.get("max_steps", done)
+        if target < done:
+            raise runtime.ConfigError(f"{output_dir} holds a run finished at step {done}: max_steps={target} "
+                                      "cannot shorten it; choose another folder for a shorter run")
+        if target == done:
+            return _reuse_finished(output_dir, record, config)
+        if resume_from is None:
+            raise runtime.ConfigError(f"{output_dir} holds a run finished at step {done} but no complete checkpoint "
+                                      "to train it further from; choose another folder")
+        print(f"{output_dir} holds a run finished at step {done}: training it further to step {target}.", flush=True)
+    elif resume_from is not None:
+        planned = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        target = config.max_steps if config.max_steps is not None else planned
+    if resume_from is not None and target is not None:
+        if start_step > target:
+            raise runtime.ConfigError(f"{resume_from} is already past max_steps={target}: give max_steps >= "
+                                      f"{start_step}, or choose another folder")
+        if start_step == target:  # trained to the end, stopped before the adapter was saved
+            return _finish_from_checkpoint(output_dir, resume_from, config)
+    for path, problem in skipped:
+        print(f"Warning: skipping {path}: {problem}", file=sys.stderr, flush=True)
+    changes = _session_changes(saved, config)
+    if changes:
+        print("Resuming with changed settings: " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                             for name, (old, new) in changes.items()), flush=True)
 
-    _import_wandb_early()
+    runtime.import_wandb_early()
     t4_environment = runtime.t4_vllm_environment()  # before unsloth or vllm is imported: FlashInfer off below cc 8.0
     # Imports unsloth first when it is used; stops here, with one line, when Unsloth fails half-way.
     backend, reason = resolve_backend(config.backend, use_vllm=_vllm_may_run(config))
     precision = resolve_precision(config.precision)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = runtime.rank()
     if config.backend == "auto" and backend == "trl" and rank == 0:
         print(f"Backend: trl ({reason})", flush=True)
+
+    import torch  # noqa: F401  (after unsloth)
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = runtime.load_tokenizer(config.tokenizer, config.model)
+    dataset = data.training_dataset(tokenizer, config.gsm8k_dir, size=config.train_size,
+                                    max_steps=config.max_steps_in_question, seed=config.seed)
+    if config.budget is not None:
+        import budgets
+
+        dataset = budgets.add_target_lengths(dataset, config.budget, tokenizer, config.gsm8k_dir,
+                                             in_prompt=config.budget_in_prompt)
+    per_step = (config.per_device_train_batch_size * config.steps_per_generation * runtime.world_size()
+                // config.num_generations)
+    if len(dataset) < per_step:
+        raise runtime.ConfigError(
+            f"the training set has {len(dataset)} question(s) (train_size={config.train_size}, "
+            f"max_steps_in_question={config.max_steps_in_question}, gsm8k_dir={config.gsm8k_dir!r}) but one step "
+            f"needs {per_step}: nothing to train")
+
+    # Everything is checked: from here on the run writes into its folder.
+    if rank == 0:
+        _set_aside(skipped)
     if config.report_to == "wandb":
         mode = _setup_wandb(config, output_dir)
         if rank == 0:
             print(f"Weights & Biases: {mode}" + ("" if mode == "online" else
                   f" (sync later: wandb sync {output_dir}/wandb/offline-run-*)"), flush=True)
-
-    import torch  # noqa: F401  (after unsloth)
-    from trl import GRPOConfig, GRPOTrainer
-
-    tokenizer = runtime.load_tokenizer(config.tokenizer, config.model)
-    dataset = data.training_dataset(tokenizer, config.gsm8k_dir, size=config.train_size,
-                                    max_steps=config.max_steps_in_question, seed=config.seed,
-                                    budget=config.budget, budget_in_prompt=config.budget_in_prompt)
     use_vllm = vllm_wanted(config, backend)
     peft_config = None
     model_effective, notes, vllm_share = config.model, [], None
@@ -1357,7 +1761,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
     if rank == 0:
         generation = "vLLM" if use_vllm else "transformers generate"
         print(f"Training {config.method} (λ={config.lam}) with {backend} + {generation}, {precision}, "
-              f"{world_size()} process(es) -> {output_dir}", flush=True)
+              f"{runtime.world_size()} process(es) -> {output_dir}", flush=True)
 
     monitor = RewardMonitor(config.num_generations, config.max_completion_length, live_view=config.live_view,
                             batches_file=output_dir / "batches.jsonl")
@@ -1372,69 +1776,96 @@ def train(config: TrainConfig, callbacks: Sequence[Any] | None = None) -> TrainR
                              rollout_choice(config, backend, use_vllm, notes[0] if notes else None),
                              model_effective, notes, t4_environment, vllm_share),
         record_path=output_dir / "run_config.json" if rank == 0 else None)
+    session = _start_session(output_dir, start_step) if rank == 0 else {"session": 0, "start_step": start_step}
+    keeper = _run_keeper(output_dir, session, config.save_total_limit, resume_from)
+    # PEFT draws the LoRA weights inside GRPOTrainer(), before the trainer seeds anything: seed here, so that the
+    # same seed gives the same adapter (and, on the CPU, the same run).
+    set_seed(config.seed)
     try:
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                               processing_class=trainer_tokenizer, peft_config=peft_config,
-                              callbacks=[*(callbacks or []), report.callback()])
+                              callbacks=[keeper, *(callbacks or []), report.callback()])
     except Exception as error:
         failure = trainer_failure(error, backend, use_vllm)
         if failure is None:
             raise
         raise failure from error
     monitor.attach(trainer)
+    keeper.trainer = trainer
     # What the run really trains with, after Unsloth's rewrites: compare_arguments of two runs' records.
     effective = effective_arguments(trainer)
     run_record = {"model_effective": model_effective, "effective_args": effective,
                   "rewritten_args": compare_arguments(arguments, effective)["different"],
                   "first_minutes": report.fields}
 
+    run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "precision": precision,
+           "num_processes": runtime.world_size(), "use_vllm": use_vllm, **run_record}
     if rank == 0:
         if backend == "unsloth" and run_record["rewritten_args"]:
             print("Unsloth changed trainer arguments: " + ", ".join(
                 f"{name} {passed!r} -> {now!r}" for name, (passed, now) in run_record["rewritten_args"].items()),
                 flush=True)
-        _write_json(output_dir / "run_config.json", {"config": dataclasses.asdict(config), "backend": backend,
-                                                     "precision": precision, "num_processes": world_size(),
-                                                     **run_record})
+        last = (saved_run.get("sessions") or [{}])[-1]
+        for key in ("backend", "precision"):
+            if last.get(key) not in (None, run[key]):
+                print(f"Warning: this session trains with {key} {run[key]!r}, the previous one with {last[key]!r}",
+                      file=sys.stderr, flush=True)
+        _keep_batches_until(output_dir, start_step)
+        sessions = [*(saved_run.get("sessions") or []), {
+            "session": session["session"], "started": session["started"], "start_step": start_step,
+            "resumed_from": str(resume_from) if resume_from else None, "changed": changes,
+            **{key: run[key] for key in ("backend", "backend_reason", "precision", "num_processes", "use_vllm")},
+            "versions": runtime.library_versions()}]
+        run["sessions"] = sessions
+        _write_json(output_dir / "run_config.json", run)
+        _update_session(output_dir, session)
         if resume_from is not None:
             print(f"Resuming from {resume_from}", flush=True)
-    start = time.perf_counter()
+    previous_handlers = _catch_stop_signals(keeper.request_stop)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        saved = _save_emergency_checkpoint(trainer, checkpoints_dir)
-        print(f"Interrupted at step {trainer.state.global_step}: "
-              + (f"emergency checkpoint {saved}" if saved else "checkpoints kept") + f" in {checkpoints_dir}; "
-              "run again to resume.", flush=True)
-        _append_session(output_dir, trainer, time.perf_counter() - start, interrupted=True)
-        raise
-    except Exception as error:  # known first-step failures stop with one line (Colab path section)
-        failure = first_step_failure(error, report.steps_done, config, use_vllm)
-        if failure is not None:
-            raise failure from error
-        raise
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            keeper.saving = True  # a further signal must not cut the emergency save short
+            saved_checkpoint = _save_emergency_checkpoint(trainer, checkpoints_dir, keeper.snapshot)
+            _end_session(output_dir, session, keeper, trainer, "interrupted")
+            print(f"Interrupted at step {trainer.state.global_step}: "
+                  + (f"emergency checkpoint {saved_checkpoint}" if saved_checkpoint else "checkpoints kept")
+                  + f" in {checkpoints_dir}; run again to resume.", flush=True)
+            raise
+        except Exception as error:  # known first-step failures stop with one line (Colab path section)
+            failure = first_step_failure(error, report.steps_done, config, use_vllm)
+            if failure is not None:
+                raise failure from error
+            raise
+        keeper.critical = True  # from here a stop signal waits until the adapter and the records are saved
+        if keeper.signal is not None and trainer.state.global_step < trainer.state.max_steps:
+            _end_session(output_dir, session, keeper, trainer, "interrupted")
+            print(f"Stopped at step {trainer.state.global_step}: checkpoint {checkpoints_dir}/checkpoint-"
+                  f"{trainer.state.global_step}; run again to resume.", flush=True)
+            raise KeyboardInterrupt
+        train_seconds = keeper.seconds()
+        adapter_dir = output_dir / "adapter"
+        if trainer.accelerator.is_main_process:
+            _before_new_adapter(output_dir)
+        trainer.save_model(str(adapter_dir))  # adapter weights + config (main process only)
+        if trainer.accelerator.is_main_process:
+            trainer_tokenizer.save_pretrained(str(adapter_dir))
+            _end_session(output_dir, session, keeper, trainer, "finished")
+            _write_json(adapter_dir / "run_config.json",  # written last: it marks the run finished
+                        _final_record(run, _read_jsonl(output_dir / "sessions.jsonl"), trainer.state.global_step,
+                                      trainer.state.max_steps, train_seconds, resume_from))
+            if config.push_to_hub:
+                print(f"Pushed to {push_adapter(adapter_dir, config.hub_repo)}", flush=True)
+        trainer.accelerator.wait_for_everyone()
     finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         _finish_wandb(config)
-    train_seconds = time.perf_counter() - start
-
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter weights + config (main process only)
-    if trainer.accelerator.is_main_process:
-        trainer_tokenizer.save_pretrained(str(adapter_dir))
-        sessions = _append_session(output_dir, trainer, train_seconds, interrupted=False)
-        record = {
-            "config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason,
-            "precision": precision, "num_processes": world_size(), "use_vllm": use_vllm,
-            "train_seconds": train_seconds, "train_seconds_total": sum(s["seconds"] for s in sessions),
-            "global_step": trainer.state.global_step, "resumed_from": str(resume_from) if resume_from else None,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": runtime.library_versions(),
-            **run_record,
-        }
-        _write_json(adapter_dir / "run_config.json", record)
-        _write_json(output_dir / "log_history.json", trainer.state.log_history)
-        if config.push_to_hub:
-            print(f"Pushed to {push_adapter(adapter_dir, config.hub_repo)}", flush=True)
-    trainer.accelerator.wait_for_everyone()
+        if keeper.signal == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # everything is saved: end as SIGTERM would have
+    if keeper.signal is not None:
+        raise KeyboardInterrupt  # the run finished and was saved while a stop was asked for
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=train_seconds,
                        log_history=list(trainer.state.log_history),
                        resumed_from=str(resume_from) if resume_from else None,
@@ -1453,18 +1884,6 @@ def _finish_wandb(config: TrainConfig) -> None:
     # wandb reads WANDB_DIR and WANDB_RUN_ID once per process (its setup singleton): without a teardown the next
     # run's files and id would be this run's.
     wandb.teardown()
-
-
-def _append_session(output_dir: Path, trainer, seconds: float, interrupted: bool) -> list[dict[str, Any]]:
-    """Record this session's training time (sessions.jsonl) and return all sessions so far."""
-    path = output_dir / "sessions.jsonl"
-    if _distributed()[0] == 0:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"end_step": trainer.state.global_step, "seconds": round(seconds, 2),
-                                     "interrupted": interrupted}) + "\n")
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1534,137 +1953,53 @@ def plot_training_curves(log_history_or_run_dir: Sequence[dict[str, Any]] | str 
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-_SCALARS = {"int": int, "float": float, "str": str}
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one option per ``TrainConfig`` field (same names, dashes), plus evaluation options."""
     parser = argparse.ArgumentParser(
         prog="training.py", description="GRPO training on GSM8K with length-aware rewards (then evaluation).",
         epilog="Without a GPU the CPU smoke configuration runs (see --smoke/--no-smoke). Multi-GPU: "
                "accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group")
-    for spec in dataclasses.fields(TrainConfig):
-        option = "--" + spec.name.replace("_", "-")
-        help_text = spec.metadata.get("help", "")
-        default = spec.default if spec.default is not dataclasses.MISSING else None
-        type_name = str(spec.type).replace(" | None", "").strip()
-        if type_name.startswith("dict"):
-            parser.add_argument(option, dest=spec.name, type=_key_value, action="append", default=None,
-                                metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
-        elif type_name == "bool":
-            parser.add_argument(option, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
-        else:
-            parser.add_argument(option, dest=spec.name, type=_SCALARS[type_name], default=default,
-                                help=f"{help_text} (default: {default})")
+    runtime.add_dataclass_options(parser, TrainConfig)
     parser.add_argument("--eval", dest="run_eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate the adapter with evaluation.py after training (default: on)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="test questions to evaluate (default: all; smoke: 8)")
     parser.add_argument("--eval-backend", default="auto", help="evaluation backend (default: auto)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a configuration error (default: one line)")
     return parser
 
 
 def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
-    values = {spec.name: getattr(namespace, spec.name) for spec in dataclasses.fields(TrainConfig)}
-    for name in ("reward_params", "grpo_overrides"):
-        values[name] = dict(values[name] or [])
-    return TrainConfig(**values)
+    return TrainConfig(**runtime.dataclass_values(TrainConfig, namespace))
 
 
 def evaluate_adapter(result: TrainResult, limit: int | None = None, backend: str = "auto",
                      reuse_model: bool = True) -> dict[str, Any] | None:
-    """Evaluate a finished run's adapter with evaluation.py, results in ``<output_dir>/eval``; None when the
-    evaluation module is absent. ``reuse_model`` evaluates the trained model still in memory (no reload)."""
+    """Evaluate a finished run's adapter with ``evaluation.evaluate_run``, results in ``<output_dir>/eval``; None
+    when the evaluation module is absent. ``reuse_model`` evaluates the trained model still in memory (no reload)."""
     try:
         import evaluation
     except ImportError:
         print("evaluation.py not found: skipping evaluation", flush=True)
         return None
-    config = result.config or TrainConfig()
-    if limit is None and config.smoke:
-        limit = SMOKE_QUESTIONS
-    eval_config = evaluation.EvalConfig(model=config.model, adapter=str(result.adapter_dir),
-                                        output_dir=str(result.output_dir / "eval"), limit=limit,
-                                        max_new_tokens=config.max_completion_length, backend=backend,
-                                        gsm8k_dir=config.gsm8k_dir, tokenizer=config.tokenizer)
     model = result.model if reuse_model else None
-    summary = evaluation.evaluate(eval_config, model=model, tokenizer=result.tokenizer if model is not None else None)
-    evaluation.print_summary(summary)
-    return summary
-
-
-def evaluate_saved_run(method: str, adapter: str | None = None, save_to_drive: bool = False,
-                       limit: int | None = None, backend: str = "auto", redo: bool = False,
-                       folder: str | None = None) -> dict[str, Any]:
-    """Evaluate the adapter a training run saved (the Eval notebooks), then compare it with the baseline.
-
-    ``adapter`` is a local or Google Drive folder or a Hub repo id; by default the ``adapter/`` folder of the
-    method's run (``runtime.output_dir(folder, save_to_drive)``, the smoke folder in smoke mode), with results
-    in that run's ``eval/``. The base model, tokenizer, GSM8K folder and token limit come from the run's
-    ``run_config.json`` when there is one. For the default adapter, when the baseline run's results are present
-    (and this is not the baseline), a paired comparison is printed and returned under ``"baseline_comparison"``.
-    """
-    import evaluation
-
-    smoke = runtime.smoke_mode()
-    run_config = TrainConfig(method=method, folder=folder)
-    if smoke:
-        run_config = smoke_config(run_config)
-    run_dir = None
-    if adapter is None:
-        run_dir = runtime.output_dir(run_config.resolved_folder(), save_to_drive and not smoke)
-        adapter = str(run_dir / "adapter")
-        if not (run_dir / "adapter" / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no trained adapter in {adapter}: run the {run_config.resolved_folder()} "
-                                    "training notebook first, or give the adapter's folder or Hub repo id")
-    saved_path = Path(adapter) / "run_config.json"
-    saved = json.loads(saved_path.read_text(encoding="utf-8")).get("config", {}) if saved_path.is_file() else {}
-    if limit is None and smoke:
-        limit = SMOKE_QUESTIONS
-    eval_config = evaluation.EvalConfig(
-        model=saved.get("model", run_config.model), adapter=adapter, backend=backend, limit=limit, redo=redo,
-        max_new_tokens=saved.get("max_completion_length", run_config.max_completion_length),
-        output_dir=str(run_dir / "eval") if run_dir is not None else None,
-        gsm8k_dir=saved.get("gsm8k_dir"), tokenizer=saved.get("tokenizer"))
-    summary = evaluation.evaluate(eval_config)
-    evaluation.print_summary(summary)
-    if method != "baseline" and run_dir is not None:
-        baseline = smoke_config(TrainConfig()) if smoke else TrainConfig()
-        baseline_dir = runtime.output_dir(baseline.resolved_folder(), save_to_drive and not smoke) / "eval"
-        baseline_results = evaluation.result_paths(baseline_dir)[0]
-        if baseline_results.is_file():
-            comparison = evaluation.compare_runs(baseline_results, evaluation.result_paths(run_dir / "eval")[0],
-                                                 labels=("baseline", method))
-            evaluation.print_comparison(comparison)
-            summary = {**summary, "baseline_comparison": comparison}
-    return summary
+    return evaluation.evaluate_run(result.output_dir, model=model, tokenizer=result.tokenizer, compare=False,
+                                   limit=limit, backend=backend)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """``python training.py [options]``: train, then evaluate the adapter (main process only)."""
     namespace = build_parser().parse_args(argv)
-    config = config_from_args(namespace)
-    result = train(config)
-    if _distributed()[0] == 0:
-        plot_training_curves(result.output_dir)
-        print(f"Adapter: {result.adapter_dir}  ({result.train_seconds:.0f} s, {result.global_step} steps)", flush=True)
-        if namespace.run_eval:
-            evaluate_adapter(result, limit=namespace.eval_limit, backend=namespace.eval_backend)
+    with runtime.one_line_errors(namespace.debug, prog="training.py"):
+        config = config_from_args(namespace)
+        result = train(config)
+        if runtime.rank() == 0:
+            plot_training_curves(result.output_dir)
+            done = "re-used" if result.reused else f"{result.train_seconds:.0f} s"
+            print(f"Adapter: {result.adapter_dir}  ({done}, {result.global_step} steps)", flush=True)
+            if namespace.run_eval:  # a re-used run's saved results are reported, not computed again
+                evaluate_adapter(result, limit=namespace.eval_limit, backend=namespace.eval_backend)
     return result
 
 

@@ -240,8 +240,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = runtime.load_tokenizer(args.tokenizer)
     prompts = test_prompts(tokenizer, args.gsm8k)[:args.limit]
-    meta = {"date": _dt.date.today().isoformat(), "device": evaluation._device_name(),
-            "versions": evaluation.runtime.library_versions(), "python": platform.python_version(),
+    meta = {"date": _dt.date.today().isoformat(), "device": runtime.device_name(),
+            "versions": runtime.library_versions(), "python": platform.python_version(),
             "cuda": torch.version.cuda, "max_new_tokens": args.max_new_tokens}
     print(json.dumps({"meta": meta}), flush=True)
     rows: list[dict] = []

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import runtime  # noqa: E402
 import training  # noqa: E402
 
 GIB = 2**30
@@ -137,7 +138,7 @@ def bench_config(args, per_device: int, steps_per_generation: int, method: str, 
 def run(args) -> None:
     import torch
 
-    training._import_wandb_early()
+    runtime.import_wandb_early()
     cap_memory(args.memory_gib)
     report = {"memory_cap_gib": args.memory_gib, **environment(), "layouts": []}
     out = Path(args.out)
@@ -166,12 +167,12 @@ def run(args) -> None:
 def dist(args, parser_args) -> None:
     import torch.distributed as torch_dist
 
-    training._import_wandb_early()
+    runtime.import_wandb_early()
     cap_memory(args.memory_gib)
     config = training.config_from_args(parser_args)
     timer = step_timer()
     result = training.train(config, callbacks=[timer])
-    mine = {"rank": int(os.environ.get("RANK", "0")), "step_seconds": [round(s, 2) for s in timer.seconds],
+    mine = {"rank": runtime.rank(), "step_seconds": [round(s, 2) for s in timer.seconds],
             "peak_allocated_gib": round(timer.peak_allocated / GIB, 2),
             "peak_reserved_gib": round(timer.peak_reserved / GIB, 2)}
     everyone = [None] * torch_dist.get_world_size() if torch_dist.is_initialized() else [mine]

@@ -155,10 +155,10 @@ def test_cli_writes_the_study_json(cli_run, stats):
     assert written == stats
 
 
-def test_cli_writes_the_histograms(cli_run):
+def test_cli_writes_the_histograms_and_the_step_plot(cli_run):
     assert cli_run["returncode"] == 0, cli_run["stderr"]
     paths = sorted(cli_run["plots"].iterdir())
-    assert [path.name for path in paths] == sorted(analysis.HISTOGRAM_FILES.values())
+    assert [path.name for path in paths] == sorted([*analysis.HISTOGRAM_FILES.values(), analysis.STEP_PLOT_FILE])
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in paths)
 
 
@@ -171,17 +171,52 @@ def test_cli_reports_a_missing_gsm8k_folder(tmp_path, capsys):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_run_analysis_prints_saves_and_shows_everything(small_gsm8k, tokenizer, tmp_path, capsys):
-    stats = analysis.run_analysis(small_gsm8k, tokenizer, out_dir=tmp_path / "out", show=True)
+def test_run_analysis_prints_and_saves_everything(small_gsm8k, tokenizer, tmp_path, capsys):
+    stats = analysis.run_analysis(small_gsm8k, tokenizer, out_dir=tmp_path / "out")
     printed = capsys.readouterr().out
+    # Outside a notebook: the whole report as text, nothing displayed (Data_analysis.ipynb's test counts the
+    # inline table and plots).
     assert analysis.format_report(stats) in printed
-    # Outside a notebook IPython's display() prints each object's repr: one image per histogram.
-    assert printed.count("IPython.core.display.Image") == len(analysis.HISTOGRAM_FILES)
+    assert "<Figure" not in printed and "DataFrame" not in printed
     saved = json.loads((tmp_path / "out" / "statistics.json").read_text())
     assert saved == stats
     assert sum(row["questions"] for row in saved["steps"].values()) == 60
-    for name in analysis.HISTOGRAM_FILES.values():
-        assert (tmp_path / "out" / name).stat().st_size > 0
+    for name in (*analysis.HISTOGRAM_FILES.values(), analysis.STEP_PLOT_FILE):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_table_frame_holds_the_studys_rounded_rows(stats):
+    frame = analysis.step_table_frame(stats)
+    assert list(frame.index) == [str(step) for step in range(2, 10)]
+    assert list(frame.columns) == list(analysis.STEP_TABLE_HEADER[1:])
+    assert list(frame.loc["2"]) == ["1960", "72.71", "29", "172", "333.36", "112"]
+    assert list(frame.loc["9"]) == ["13", "240.31", "92", "367", "9781.40", "367"]
+    # The same cells as the text report, row for row.
+    text_rows = analysis.format_report(stats).splitlines()[-8:]
+    assert [line.split() for line in text_rows] == [[step, *frame.loc[step]] for step in frame.index]
+
+
+def test_length_by_steps_plot_has_one_box_per_step_and_marks_the_trimmed_max(table, stats, tmp_path):
+    figure = analysis.plot_length_by_steps(table, tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figure.axes[0]
+    labels = [label.get_text().split("\n") for label in axes.get_xticklabels()]
+    assert [label[0] for label in labels] == [str(step) for step in range(2, 10)]
+    assert labels[0][1] == "(n = 1960)"
+    # The red marks sit at each step count's trimmed max: 112 for 2 steps, 367 for 9.
+    marks = next(c for c in axes.collections if c.get_label().startswith("trimmed max"))
+    heights = [y for _, y in marks.get_offsets()]
+    assert heights == [row["trimmed_max"] for row in stats["steps"].values()]
+    assert heights[0] == 112 and heights[-1] == 367
+    assert "r = 0.77" in axes.get_title()
+
+
+def test_histogram_figures_are_the_saved_histograms(table):
+    figures = analysis.histogram_figures(table, bins=20)
+    assert list(figures) == list(analysis.HISTOGRAM_FILES.values())
+    answer = figures[analysis.HISTOGRAM_FILES["reference_length"]].axes[0]
+    assert sum(patch.get_height() for patch in answer.patches) == len(table["reference_length"])
+    assert "n = 7473" in answer.get_title()
 
 
 @pytest.mark.parametrize(

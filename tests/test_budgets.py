@@ -124,12 +124,13 @@ def test_question_buckets_on_gsm8k_grow_with_question_length(train_table, tokeni
     assert "2 steps: 112 tokens" in text and f"{values[-1]} tokens" in text
 
 
-def test_training_dataset_carries_the_budget_as_target_length_and_in_the_prompt(tokenizer, gsm8k_dir):
-    dataset = data.training_dataset(tokenizer, gsm8k_dir, size=4, budget="reference")
+def test_target_lengths_carry_the_budget_to_training_and_into_the_prompt(tokenizer, gsm8k_dir):
+    plain = data.training_dataset(tokenizer, gsm8k_dir, size=4)
+    assert "target_length" not in plain.column_names
+    dataset = budgets.add_target_lengths(plain, "reference", tokenizer, gsm8k_dir)
     assert dataset["target_length"] == dataset["reference_length"]
     for row in dataset:
         assert row["prompt"][-1]["content"].endswith(f"Use no more than {row['target_length']} tokens.")
-    silent = data.training_dataset(tokenizer, gsm8k_dir, size=4, budget="reference", budget_in_prompt=False)
+    silent = budgets.add_target_lengths(plain, "reference", tokenizer, gsm8k_dir, in_prompt=False)
     assert silent["target_length"] == dataset["target_length"]
     assert [row["prompt"] for row in silent] == [data.prompt_messages(q) for q in silent["question"]]
-    assert "target_length" not in data.training_dataset(tokenizer, gsm8k_dir, size=4).column_names

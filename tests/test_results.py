@@ -8,11 +8,15 @@ them out: ``<run>/run_config.json``, ``<run>/adapter/run_config.json`` (training
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import evaluation
+import metrics
 import results
 
 STEPS = [2, 3, 4, 8]
@@ -28,10 +32,10 @@ def records(correct, lengths, format_ok=None, limit=512):
 
 
 def write_eval(folder: Path, rows, adapter=None, budget=None, mode=None) -> Path:
-    results_path, summary_path = evaluation.result_paths(folder, budget, mode or "limit")
+    results_path, summary_path = metrics.result_paths(folder, budget, mode or "limit")
     folder.mkdir(parents=True, exist_ok=True)
     results_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    summary = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "adapter": adapter, "metrics": evaluation.compute_metrics(rows),
+    summary = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "adapter": adapter, "metrics": metrics.compute_metrics(rows),
                "generation": {"budget": budget, "budget_mode": mode},
                # As written on another machine (e.g. Colab): the absolute path does not exist here.
                "files": {"results": f"/content/drive/MyDrive/elsewhere/{results_path.name}",
@@ -86,7 +90,7 @@ def test_the_table_reports_each_runs_metrics(outputs):
     assert set(rows) == {"untrained", "baseline", "group", "baseline [budget steps, limit]"}
     baseline = rows["baseline"]
     assert baseline["accuracy"] == 0.75 and baseline["n"] == 4 and baseline["correct"] == 3
-    assert (baseline["accuracy_ci_low"], baseline["accuracy_ci_high"]) == evaluation.wilson_interval(3, 4)
+    assert (baseline["accuracy_ci_low"], baseline["accuracy_ci_high"]) == metrics.wilson_interval(3, 4)
     assert baseline["mean_length"] == 110.0
     assert baseline["efficiency"] == pytest.approx((50 + 60 + 80) / (100 + 120 + 80))
     assert baseline["train_seconds"] == 3725.0
@@ -107,7 +111,7 @@ def test_the_studys_published_numbers_are_labelled_reference_rows(outputs):
                        "study: group": (0.3495, None, 121.6), "study: group_ans_len": (0.3541, None, 122.8)}
     for row in study:  # the published percentage is the count over 1319 questions
         assert round(100 * row["correct"] / 1319, 2) == round(100 * row["accuracy"], 2)
-        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == evaluation.wilson_interval(row["correct"], 1319)
+        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == metrics.wilson_interval(row["correct"], 1319)
     text = results.format_table(rows)
     assert "study (published)" in text and "reference only" in text
     assert "75.00% [" in text and "1 h 02 min" in text and "5 min" in text
@@ -215,3 +219,52 @@ def test_report_does_everything_in_one_call(outputs, tmp_path, capsys):
     assert len(out["runs"]) == 4 and len(out["pairs"]) == 3
     for filename in results.PLOT_FILES.values():
         assert _is_png(tmp_path / "report" / filename)
+
+
+def test_the_notebook_table_has_the_text_tables_cells_and_sets_the_studys_rows_apart(outputs):
+    rows = results.comparison_table(results.find_runs(outputs))
+    styler = results.table_frame(rows)
+    frame = styler.data
+    assert list(frame["Method"]) == [row["name"] for row in rows]
+    baseline = frame[frame["Method"] == "baseline"].iloc[0]
+    assert baseline["Accuracy"] == "75.00%" and baseline["Training time"] == "1 h 02 min"
+    # Every formatted cell of the notebook table is in the text table too.
+    text = results.format_table(rows)
+    for _, row in frame.iterrows():
+        line = next(line for line in text.splitlines() if line.startswith(row["Method"] + " "))
+        assert all(cell in line for cell in row if cell)
+    html = styler.to_html()
+    css = html[:html.index("</style>")]
+    assert "font-style: italic" in css
+    # The style sheet styles exactly the cells of the study's rows: every column of rows 4 to 7.
+    styled = {(int(r), int(c)) for r, c in re.findall(r"_row(\d+)_col(\d+)", css)}
+    study = {i for i, row in enumerate(rows) if row["source"] == results.STUDY_SOURCE}
+    assert study == {4, 5, 6, 7}
+    assert styled == {(r, c) for r in study for c in range(len(frame.columns))}
+    assert "Gray rows" in html
+
+
+def test_the_notebook_pairs_table_has_the_text_tables_cells(outputs):
+    pairs = results.paired_against_baseline(results.find_runs(outputs), n_boot=200)
+    frame = results.pairs_frame(pairs).data
+    assert list(frame.columns) == ["Run", "vs", "n", "Δ accuracy [95% CI]", "McNemar p", "Δ mean length [95% CI]"]
+    assert len(frame) == len(pairs) == 3
+    untrained = frame[frame["Run"] == "untrained"].iloc[0]
+    assert untrained["McNemar p"] == "0.5" and untrained["Δ accuracy [95% CI]"].startswith("-50.00 [")
+    text = results.format_pairs(pairs)
+    for _, row in frame.iterrows():
+        line = next(line for line in text.splitlines() if line.startswith(row["Run"] + " "))
+        assert all(cell in line for cell in row)
+def test_command_line_reports_runs_and_names_a_bad_folder_in_one_line(outputs, tmp_path):
+    script = Path(results.__file__).resolve()
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(script), str(outputs / "Baseline"), str(outputs / "Group_method"),
+                           "--out-dir", str(tmp_path / "cli"), "--n-boot", "200", "--no-include-study"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "McNemar p" in done.stdout and "study:" not in done.stdout
+    assert all(_is_png(tmp_path / "cli" / filename) for filename in results.PLOT_FILES.values())
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nowhere")], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"results.py: error: {str(tmp_path / 'nowhere')!r} does not exist"]

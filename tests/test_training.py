@@ -54,46 +54,8 @@ def tiny_config(tmp_path: Path, **overrides) -> training.TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metric functions against independent computations
+# The live view (the step's metrics are tested in test_metrics.py)
 # --------------------------------------------------------------------------------------------------
-
-def test_metrics_match_numpy():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 513, size=32)
-    questions = rng.integers(20, 200, size=32)
-    references = rng.integers(30, 300, size=32)
-    correct = rng.random(32) < 0.4
-    format_ok = correct | (rng.random(32) < 0.3)
-
-    assert training.pearson(questions.tolist(), lengths.tolist()) == pytest.approx(
-        np.corrcoef(questions, lengths)[0, 1], abs=1e-12)
-    got = training.batch_metrics(lengths.tolist(), questions.tolist(), references.tolist(), correct.tolist(),
-                                 format_ok.tolist(), limit=512)
-    assert got["question_vs_response_length_correlation"] == pytest.approx(np.corrcoef(questions, lengths)[0, 1])
-    assert got["answer_vs_response_length_correlation"] == pytest.approx(np.corrcoef(references, lengths)[0, 1])
-    assert got["out_of_limit"] == pytest.approx(np.mean(lengths >= 509))
-    assert got["model_efficiency"] == pytest.approx(references[correct].sum() / lengths[correct].sum())
-    assert got["accuracy"] == pytest.approx(correct.mean())
-    assert got["format_accuracy"] == pytest.approx(format_ok.mean())
-    assert got["mean_length"] == pytest.approx(lengths.mean())
-
-
-def test_metric_edge_cases():
-    # A completion ending exactly 3 tokens short of the limit counts as out of limit; 4 short does not.
-    assert training.out_of_limit([512, 509, 508, 10], limit=512) == 0.5
-    assert training.pearson([1, 2, 3], [5, 5, 5]) is None  # no spread: undefined, not 0 or NaN
-    assert training.pearson([1], [2]) is None
-    assert training.model_efficiency([100, 200], [50, 400], [False, False]) is None
-    metrics = training.batch_metrics([512, 512], [30, 40], [90, 80], [False, False], [False, True], limit=512)
-    assert "question_vs_response_length_correlation" not in metrics  # undefined metrics are left out
-    assert "model_efficiency" not in metrics
-    assert metrics["format_accuracy"] == 0.5 and metrics["out_of_limit"] == 1.0
-    with pytest.raises(ValueError, match="equal length"):
-        training.pearson([1, 2], [1])
-    with pytest.raises(ValueError, match="one value per completion"):
-        training.batch_metrics([1, 2], [1], [1, 2], [True, False], [True, True], limit=10)
-    assert training.whole_group_fraction([{"group": 1}] * 4 + [{"group": 2}] * 3, num_generations=4) == 0.5
-
 
 def test_live_view_format():
     records = [
@@ -198,8 +160,9 @@ def test_config_checks_and_reward_parameters(tmp_path):
         training.check_config(tiny_config(tmp_path, backend="vllm"))
     with pytest.raises(ValueError, match="hub_repo"):
         training.check_config(tiny_config(tmp_path, push_to_hub=True))
-    assert training.default_folder("group_ans_len") == "Group_method_with_ans_len_considering"
-    assert training.default_folder("kimi") == "kimi"
+    assert training.runtime.run_folder("group_ans_len") == "Group_method_with_ans_len_considering"
+    assert training.runtime.run_folder("kimi") == "kimi"
+    assert training.TrainConfig(method="kimi", folder="mine").resolved_folder() == "mine"
 
 
 def test_smoke_config_keeps_the_method():
@@ -280,17 +243,20 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
         # The Eval notebooks: re-evaluate the saved adapter from disk, then compare with the baseline's results.
         import shutil
 
+        import evaluation
+
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("LENGTHRL_SMOKE", "1")
-        again = training.evaluate_saved_run("baseline", redo=True)
+        again = evaluation.evaluate_run(method="baseline", redo=True)
         assert again["limit"] == 8 and again["model_passed_in"] is False and "baseline_comparison" not in again
         shutil.copytree(run, tmp_path / "outputs" / "Group_method-smoke", ignore=shutil.ignore_patterns("eval"))
-        other = training.evaluate_saved_run("group")
+        other = evaluation.evaluate_run(method="group")
         assert other["baseline_comparison"]["n"] == 8
         assert other["baseline_comparison"]["labels"] == ["baseline", "group"]
+        assert Path(other["baseline_results"]).parts[-3:] == ("Baseline-smoke", "eval", "eval_results.jsonl")
         assert Path(other["adapter_path"]).parts[-2:] == ("Group_method-smoke", "adapter")
         with pytest.raises(FileNotFoundError, match="no trained adapter"):
-            training.evaluate_saved_run("ans_len")
+            evaluation.evaluate_run(method="ans_len")
 
 
 @pytest.mark.slow
@@ -434,7 +400,7 @@ def test_new_registry_method_trains_the_adapter_with_gradient_checkpointing(tmp_
 
 def _distributed_worker(out: Path) -> None:
     """Run by torchrun: shard a synthetic batch exactly as GRPOTrainer does, then one real GRPO step."""
-    training._import_wandb_early()  # before torch/transformers: a much faster import (see training.py)
+    training.runtime.import_wandb_early()  # before torch/transformers: a much faster import (see runtime.py)
     import torch.distributed as dist
     from accelerate import Accelerator
     from accelerate.utils import gather_object
