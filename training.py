@@ -1672,11 +1672,15 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None) -> TrainResult:
     checkpoints_dir = output_dir / "checkpoints"
     saved_run = _read_json(output_dir / "run_config.json") or {}
     saved = saved_run.get("config") or {}
+    record = _finished_record(output_dir)
+    resume_from, skipped = find_checkpoint(checkpoints_dir)
+    if record is None and resume_from is None:
+        # Nothing trained here to resume or mix with (e.g. a start that stopped in its first minutes, whose one-line
+        # fix changes the backend or the micro-batches): the run starts afresh with the settings given now.
+        saved = {}
     _check_same_run(output_dir, config, saved)
     if config.resume and config.max_steps is None and saved.get("max_steps") is not None:
         config = dataclasses.replace(config, max_steps=saved["max_steps"])  # the run's plan, unless asked for more
-    record = _finished_record(output_dir)
-    resume_from, skipped = find_checkpoint(checkpoints_dir)
     if not config.resume and (record is not None or resume_from is not None or skipped):
         raise runtime.ConfigError(f"{output_dir} already holds a run and resume=False; choose another folder, "
                                   "delete it, or resume")

@@ -36,29 +36,50 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def standin(monkeypatch):
-    """Put the stand-ins on sys.path; returns ``fail_at(stage)``. TRL's classes, which the Unsloth stand-in
-    replaces process-wide as Unsloth does, and the environment are restored afterwards."""
-    import trl
-    import trl.trainer.grpo_config
-    import trl.trainer.grpo_trainer
+class StandIn:
+    """``fail_at(stage)`` chooses the stage where the Unsloth stand-in fails; ``restart()`` is a fresh runtime:
+    TRL's own classes back, no Unsloth imported, nothing failing."""
 
-    for module in (trl, trl.trainer, trl.trainer.grpo_trainer):
-        monkeypatch.setattr(module, "GRPOTrainer", module.GRPOTrainer)
-    for module in (trl, trl.trainer, trl.trainer.grpo_config, trl.trainer.grpo_trainer):
-        monkeypatch.setattr(module, "GRPOConfig", module.GRPOConfig)
-    monkeypatch.syspath_prepend(str(STANDINS))
-    for name in ("STANDIN_UNSLOTH_FAIL", "UNSLOTH_VLLM_STANDBY"):
-        monkeypatch.delenv(name, raising=False)
+    def __init__(self, monkeypatch):
+        import trl
+        import trl.trainer.grpo_config
+        import trl.trainer.grpo_trainer
 
+        self.monkeypatch = monkeypatch
+        self.originals = [(module, name, getattr(module, name))
+                          for module in (trl, trl.trainer, trl.trainer.grpo_trainer, trl.trainer.grpo_config)
+                          for name in ("GRPOTrainer", "GRPOConfig") if hasattr(module, name)]
+        for module, name, value in self.originals:
+            monkeypatch.setattr(module, name, value)  # restored after the test, whatever the stand-in did
+        monkeypatch.syspath_prepend(str(STANDINS))
+        for name in ("STANDIN_UNSLOTH_FAIL", "UNSLOTH_VLLM_STANDBY"):
+            monkeypatch.delenv(name, raising=False)
+        self.forget()
+
+    def __call__(self, stage: str) -> None:
+        self.monkeypatch.setenv("STANDIN_UNSLOTH_FAIL", stage)
+
+    fail_at = __call__
+
+    @staticmethod
     def forget() -> None:
         for name in [name for name in sys.modules if name.split(".")[0] in ("unsloth", "vllm")]:
             del sys.modules[name]
 
-    forget()
-    yield lambda stage: monkeypatch.setenv("STANDIN_UNSLOTH_FAIL", stage)
-    forget()
+    def restart(self) -> None:
+        for module, name, value in self.originals:
+            setattr(module, name, value)
+        self.monkeypatch.delenv("STANDIN_UNSLOTH_FAIL", raising=False)
+        self.forget()
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Put the stand-ins on sys.path; ``standin(stage)`` makes Unsloth's fail there. TRL's classes, which the
+    Unsloth stand-in replaces process-wide as Unsloth does, and the environment are restored afterwards."""
+    standin = StandIn(monkeypatch)
+    yield standin
+    standin.forget()
 
 
 def tiny_config(tmp_path: Path, **overrides) -> training.TrainConfig:
@@ -218,6 +239,11 @@ def test_out_of_memory_at_the_first_step_stops_with_the_setting_to_lower(standin
     assert "stage 'first_step'" in message and "out of memory" in message
     assert "per_device_train_batch_size=2, steps_per_generation=4" in message  # the same 8 completions a step
     assert "── Run start" in capsys.readouterr().out  # the report came first
+    # The fix, in the same folder after a restart: nothing was trained there, so the run starts afresh.
+    standin.restart()
+    result = training.train(tiny_config(tmp_path, backend="trl", per_device_train_batch_size=2,
+                                        steps_per_generation=4, max_steps=1))
+    assert result.global_step == 1 and result.backend == "trl"
 
 
 def test_only_errors_before_the_first_step_ends_are_first_step_failures():
