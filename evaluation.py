@@ -151,7 +151,9 @@ def _generate_vllm(config: EvalConfig, prompts: list[list[int]], limits: list[in
     from vllm.lora.request import LoRARequest
 
     total = max(len(p) + m for p, m in zip(prompts, limits))
-    llm = LLM(model=config.model, dtype=config.dtype or "auto", seed=config.seed,
+    # The precision every path takes from the GPU (runtime.default_precision): fp16 on a T4, where vLLM refuses bf16.
+    dtype = config.dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(runtime.default_precision(), "auto")
+    llm = LLM(model=config.model, dtype=dtype, seed=config.seed,
               enable_lora=adapter_dir is not None, max_lora_rank=_lora_rank(adapter_dir),
               max_model_len=runtime.round_up(total, 64), gpu_memory_utilization=config.gpu_memory_utilization)
     request = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir is not None else None
@@ -359,8 +361,8 @@ def _pick_backend(config: EvalConfig, model: Any) -> tuple[str, str]:
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if config.backend == "auto":
-        if model is not None and hasattr(model, "fast_generate"):
-            return "unsloth", "the model passed in is an Unsloth model with fast_generate"
+        if model is not None and _has_vllm_engine(model):
+            return "unsloth", "the model passed in is an Unsloth model with a vLLM engine"
         if model is not None:
             return "hf", "a transformers model was passed in"
         if config.model == runtime.TINY_MODEL or str(config.model).endswith(".gguf"):
@@ -375,10 +377,17 @@ def _pick_backend(config: EvalConfig, model: Any) -> tuple[str, str]:
             raise runtime.ConfigError("backend='vllm' needs the vllm package (pip install vllm)")
         if config.model == runtime.TINY_MODEL:
             raise runtime.ConfigError("backend='vllm' cannot run runtime.TINY_MODEL; use backend='hf'")
-    if config.backend == "unsloth" and model is not None and not hasattr(model, "fast_generate"):
+    if config.backend == "unsloth" and model is not None and not _has_vllm_engine(model):
         raise runtime.ConfigError("backend='unsloth' needs an Unsloth model loaded with fast_inference=True "
-                         "(it has no fast_generate); use backend='hf'")
+                                  "(it has no vLLM engine); use backend='hf'")
     return config.backend, "requested"
+
+
+def _has_vllm_engine(model: Any) -> bool:
+    """An Unsloth model loaded with ``fast_inference=True``. Without it Unsloth still gives the model a
+    ``fast_generate``, one that refuses vLLM's arguments (unsloth 2026.10.9 models/llama.py: ``fast_generate =
+    make_fast_generate_wrapper(model.generate)``), so that attribute proves nothing."""
+    return getattr(model, "vllm_engine", None) is not None
 
 
 def _load_unsloth(config: EvalConfig, adapter_dir: Path | None, total: int) -> tuple[Any, Any]:
@@ -387,7 +396,22 @@ def _load_unsloth(config: EvalConfig, adapter_dir: Path | None, total: int) -> t
     return FastLanguageModel.from_pretrained(
         model_name=config.model, max_seq_length=runtime.round_up(total, 64), load_in_4bit=config.load_in_4bit,
         fast_inference=True, max_lora_rank=_lora_rank(adapter_dir),
-        gpu_memory_utilization=config.gpu_memory_utilization)
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        use_exact_model_name=True)  # the base the adapter was trained on, not Unsloth's copy of it
+
+
+def _generate_fast(backend: str, config: EvalConfig, model: Any, prompts: list[list[int]], limits: list[int],
+                   tokenizer: Any, adapter_dir: Path | None, info: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+    """(completions, stop tokens) from vLLM (``backend="vllm"``) or Unsloth's vLLM engine (``"unsloth"``; the
+    model is loaded here when none was passed in)."""
+    info["t4_vllm_environment"] = runtime.t4_vllm_environment()  # before vllm or unsloth is imported
+    if backend == "vllm":
+        eos = _model_eos_ids(config, tokenizer)
+        return _generate_vllm(config, prompts, limits, eos, adapter_dir, info), eos
+    if model is None:
+        model, _ = _load_unsloth(config, adapter_dir, max(len(p) + m for p, m in zip(prompts, limits)))
+    eos = decoding.eos_ids(model, tokenizer)
+    return _generate_unsloth(config, model, prompts, limits, eos, adapter_dir, info), eos
 
 
 def _default_output_dir(config: EvalConfig, adapter_dir: Path | None, adapter_is_local: bool) -> Path:
@@ -529,17 +553,17 @@ def evaluate(config: EvalConfig | None = None, model: Any = None, tokenizer: Any
           f"{'greedy' if config.temperature == 0 else f'temperature {config.temperature}'}, "
           f"at most {config.max_new_tokens} new tokens", flush=True)
     info: dict[str, Any] = {}
-    total = max(len(p) + m for p, m in zip(prompts, limits))
     generation_started = time.perf_counter()
-    if backend == "vllm":
-        eos = _model_eos_ids(config, tokenizer)
-        completions = _generate_vllm(config, prompts, limits, eos, adapter_dir, info)
-    elif backend == "unsloth":
-        if model is None:
-            model, _ = _load_unsloth(config, adapter_dir, total)
-        eos = decoding.eos_ids(model, tokenizer)
-        completions = _generate_unsloth(config, model, prompts, limits, eos, adapter_dir, info)
-    else:
+    completions = None
+    if backend in ("vllm", "unsloth"):
+        try:
+            completions, eos = _generate_fast(backend, config, model, prompts, limits, tokenizer, adapter_dir, info)
+        except Exception as error:  # vLLM's engine start or generation: the hf backend gives the same results
+            reason = f"{backend} failed ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]})"
+            print(f"Backend: hf ({reason})", flush=True)
+            info = {"fallback_from": backend, "fallback_error": f"{type(error).__name__}: {error}"[:2000]}
+            backend = "hf"
+    if completions is None:
         if model is None:
             model = load_model(config, tokenizer, adapter_dir)
         eos = decoding.eos_ids(model, tokenizer)

@@ -21,9 +21,16 @@ parameter); a parameter that no function of the method takes is an error.
 
 Backends
     ``unsloth``  Unsloth's FastLanguageModel: LoRA, Unsloth gradient checkpointing, vLLM fast inference
-                 sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``), fp16 on a T4.
+                 sharing the GPU with training (``UNSLOTH_VLLM_STANDBY=1``) where vLLM is installed and starts,
+                 else without fast inference and with the project's decoder; fp16 on a T4.
     ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer, rollouts from vLLM or the project's decoder.
     ``auto``     Unsloth on CUDA when it imports and patches TRL cleanly, else ``trl`` (one line says why).
+Both backends pass the same trainer arguments, including those whose defaults Unsloth rewrites
+(``PINNED_ARGUMENTS``); ``run_config.json`` records the effective ones and the model repo really loaded. Every
+stage of Unsloth's start (``UNSLOTH_STAGES``) has a defined fallback: go on without vLLM, or stop in the first
+minutes with one line naming the stage and the change (``StageFailure``). When training begins, a first-minutes
+block (``format_first_minutes``) says which GPU, precision, backend and rollout generator run and why, and after
+step 2 the seconds a step and the projected hours against a Colab session.
 
 Rollouts (``rollout``; the run's first line names the generator and why)
     ``vllm``     TRL's vLLM colocate mode (``trl``) or Unsloth's fast inference (``unsloth``).
@@ -62,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -91,7 +99,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # (RUN_IDENTITY): resuming with a different value is an error. ``max_steps`` may only grow (train further).
 RESUME_MAY_CHANGE = ("folder", "output_dir", "save_to_drive", "push_to_hub", "hub_repo", "save_steps",
                      "save_total_limit", "logging_steps", "report_to", "wandb_project", "live_view", "resume", "smoke",
-                     "gradient_checkpointing", "vllm_gpu_memory_utilization", "rollout_merge_adapter",
+                     "gradient_checkpointing", "vllm_gpu_memory_utilization", "rollout", "rollout_merge_adapter",
                      "profile_steps")
 # Written last and atomically into a checkpoint folder: the names and sizes of the files saved before it.
 CHECKPOINT_MARKER = "checkpoint_complete.json"
@@ -731,17 +739,18 @@ def _mark_resumed_step(output_dir: Path, step: int, resumed_from: str) -> None:
 # Backends
 # --------------------------------------------------------------------------------------------------
 
-def _unsloth_problem() -> str | None:
-    """Why Unsloth cannot be used here (None when it imported and patched TRL's GRPOTrainer)."""
-    if not runtime.has_cuda():
-        return "no CUDA GPU"
-    # Standby lets vLLM and training share the GPU memory; it must be set before unsloth is imported.
-    os.environ.setdefault("UNSLOTH_VLLM_STANDBY", "1")
+def _unsloth_problem(use_vllm: bool = True) -> tuple[str, str] | None:
+    """(stage, why) when Unsloth cannot be used here, the stage being ``import`` or ``patch``; None when it imported
+    and patched TRL's GRPOTrainer."""
+    if use_vllm:
+        # Standby lets vLLM and training share the GPU memory; it must be set before unsloth is imported. Without
+        # vLLM it is left off: it also turns off PyTorch's expandable segments (unsloth_zoo 2026.10.9 __init__.py).
+        os.environ.setdefault("UNSLOTH_VLLM_STANDBY", "1")
     try:
         import unsloth  # noqa: F401  (must come before trl/transformers/peft so that its patches apply)
         from unsloth import FastLanguageModel
     except Exception as error:  # ImportError, or a CUDA/driver problem inside unsloth
-        return f"Unsloth did not import ({type(error).__name__}: {_first_line(error)})"
+        return "import", f"Unsloth did not import ({type(error).__name__}: {_first_line(error)})"
     import trl
 
     if "Unsloth" not in trl.GRPOTrainer.__name__:
@@ -750,9 +759,9 @@ def _unsloth_problem() -> str | None:
 
             PatchFastRL("GRPO", FastLanguageModel)
         except Exception as error:
-            return f"Unsloth could not patch TRL ({type(error).__name__}: {_first_line(error)})"
+            return "patch", f"Unsloth could not patch TRL ({type(error).__name__}: {_first_line(error)})"
         if "Unsloth" not in trl.GRPOTrainer.__name__:
-            return "Unsloth imported but did not patch TRL's GRPOTrainer"
+            return "patch", "Unsloth imported but did not patch TRL's GRPOTrainer"
     return None
 
 
@@ -761,20 +770,23 @@ def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [""])[0][:160]
 
 
-def resolve_backend(requested: str) -> tuple[str, str]:
-    """(backend, reason): ``auto`` becomes ``unsloth`` when usable, else ``trl`` with the reason why not."""
+def resolve_backend(requested: str, use_vllm: bool = True) -> tuple[str, str]:
+    """(backend, reason): ``auto`` becomes ``unsloth`` when it imports and patches TRL on a CUDA GPU, else ``trl``.
+
+    Import and patching are Unsloth's first two stages (``UNSLOTH_STAGES``). ``auto`` continues with ``trl`` after
+    a failed import that left TRL unpatched; otherwise (``backend="unsloth"``, or Unsloth half-patched the process)
+    a ``StageFailure`` stops the run at once with one line naming the stage and the change to make.
+    ``use_vllm``: whether vLLM will generate (Unsloth's standby mode is switched on only then)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "trl":
         return "trl", "requested"
-    problem = _unsloth_problem()
-    if requested == "unsloth":
-        if problem:
-            raise RuntimeError(f"backend='unsloth' is not available: {problem}. Use backend='trl' or 'auto'.")
-        return "unsloth", "requested"
-    if problem:
-        return "trl", f"Unsloth not used: {problem}"
-    return "unsloth", "Unsloth imported and patched TRL"
+    if requested == "auto" and not runtime.has_cuda():
+        return "trl", "Unsloth not used: no CUDA GPU"
+    problem = _unsloth_problem(use_vllm)
+    if problem is None:
+        return "unsloth", "requested" if requested == "unsloth" else "Unsloth imported and patched TRL"
+    return backend_after_unsloth_failure(requested, *problem, trl_patched=_trl_patched_by_unsloth())
 
 
 def resolve_precision(precision: str) -> str:
@@ -800,17 +812,28 @@ def _load_trl_model(config: TrainConfig, tokenizer, precision: str):
     return model, peft_config
 
 
-def _load_unsloth_model(config: TrainConfig, memory_share: float):
-    """(model, tokenizer) from Unsloth, the way its GRPO notebooks do: 16-bit LoRA, vLLM fast inference."""
+def _load_unsloth_model(config: TrainConfig, precision: str, fast_inference: bool) -> tuple[Any, Any, str]:
+    """(model, tokenizer, effective model repo) from Unsloth, the way its GRPO notebooks do: 16-bit LoRA, with vLLM
+    fast inference when ``fast_inference``. The repo is the one asked for: ``use_exact_model_name=True`` stops
+    Unsloth's loader from swapping ``Qwen/...`` for ``unsloth/...`` (unsloth 2026.10.9 models/loader.py,
+    ``FastLanguageModel.from_pretrained``: only ``get_model_name``'s mapper honours it); ``on_model_resolved``
+    (same function) reports what it loaded."""
     from unsloth import FastLanguageModel
 
+    resolved: list[str] = []
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=config.model,
         max_seq_length=config.max_prompt_length + config.max_completion_length,
+        dtype=runtime.torch_dtype(precision),  # the precision both backends resolved (runtime.default_precision)
         load_in_4bit=False,  # 0.5B fits in 16 bit; 4-bit would change the model under study
-        fast_inference=True,  # vLLM generation
+        fast_inference=fast_inference,  # vLLM generation
         max_lora_rank=config.lora_r,
-        gpu_memory_utilization=memory_share,
+        gpu_memory_utilization=config.vllm_gpu_memory_utilization or 0.6,
+        use_exact_model_name=True,
+        on_model_resolved=resolved.append,
+        # The tokenizer the trl backend uses; Unsloth would read it from the model folder (loader_utils.py,
+        # _resolve_checkpoint_tokenizer_name: an explicit tokenizer_name wins).
+        **({"tokenizer_name": str(config.tokenizer)} if config.tokenizer else {}),
     )
     model = FastLanguageModel.get_peft_model(
         model,
@@ -821,7 +844,22 @@ def _load_unsloth_model(config: TrainConfig, memory_share: float):
         use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
         random_state=config.seed,
     )
-    return model, tokenizer
+    return model, tokenizer, resolved[-1] if resolved else config.model
+
+
+# GRPOConfig arguments whose defaults Unsloth rewrites (unsloth 2026.10.9 models/rl.py, _patch_trl_rl_trainers_impl,
+# ``replacements``; an argument passed explicitly keeps its value). Passed by both backends, so that ``unsloth`` and
+# ``trl`` train the same run; the values are TRL's defaults unless a comment says why not.
+PINNED_ARGUMENTS: dict[str, Any] = {
+    "weight_decay": 0.0,  # Unsloth: 0.001
+    "logging_nan_inf_filter": False,  # Unsloth's value: a NaN/inf loss (fp16 on a T4) is logged as it is, not hidden
+    "torch_empty_cache_steps": 250,  # Unsloth's value: frees cached blocks every 250 steps of a 2000-step run
+    "per_device_eval_batch_size": 8,  # Unsloth: 4 (no evaluation runs inside training)
+    "eval_accumulation_steps": None,  # Unsloth: 2
+    "vllm_mode": "colocate",  # Unsloth's value and the only one used here: vLLM inside the training process
+    "generation_kwargs": {},  # Unsloth's value; TRL 0.22.2 treats {} as None
+    "mask_truncated_completions": False,  # Unsloth: None, resolved by its loss_type rules
+}
 
 
 def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, backend: str, precision: str,
@@ -853,13 +891,18 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
         "save_steps": config.save_steps,
         "save_total_limit": None,  # rotated after the completion marker (RunKeeper), never before
         "report_to": [] if config.report_to == "none" else [config.report_to],
-        # Unsloth checkpoints in its own way. No gradient_checkpointing_kwargs: TRL 0.22.2 re-enables
-        # checkpointing with transformers' default (reentrant) after every generation anyway, and with that
-        # default TRL/PEFT make the input embeddings require grad, so LoRA inside checkpointed layers gets gradients
-        # (tests/test_training.py checks that the adapter moves).
-        "gradient_checkpointing": config.gradient_checkpointing and backend == "trl",
+        # Both backends say the same (Unsloth's own notebooks keep TRL's default, True; its model-level "unsloth"
+        # checkpointing comes from get_peft_model). Reentrant, as Unsloth pins it (rl.py, RLConfig_post) and as
+        # transformers defaults to: TRL 0.22.2 re-enables checkpointing after every generation, and with reentrant
+        # checkpointing TRL/PEFT make the input embeddings require grad, so LoRA inside checkpointed layers gets
+        # gradients (tests/test_training.py checks that the adapter moves).
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": True} if config.gradient_checkpointing else None,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
+        # Unsloth's trainer copies the training precision into these; set them so for both backends.
+        "bf16_full_eval": precision == "bf16",
+        "fp16_full_eval": precision == "fp16",
         "use_cpu": not runtime.has_cuda(),
         "ddp_find_unused_parameters": False,
         "use_vllm": use_vllm,
@@ -867,12 +910,447 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
         "disable_tqdm": False,
         "remove_unused_columns": False,  # the rewards need answer, question_id and the length columns
     }
+    arguments.update(copy.deepcopy(PINNED_ARGUMENTS))  # generation_kwargs is a dict: never share it
+    if use_vllm:
+        # vLLM's "no top-k"; TRL maps None to it, Unsloth writes it into the config (rl_replacements.py,
+        # grpo_config_fix_vllm_top_k), so both backends record it.
+        arguments["top_k"] = -1
     if use_vllm and backend == "trl":
-        arguments["vllm_mode"] = "colocate"
         share = config.vllm_gpu_memory_utilization
         arguments["vllm_gpu_memory_utilization"] = 0.3 if share is None else share
     arguments.update(config.grpo_overrides)
     return arguments
+
+
+# ==================================================================================================
+# Colab path: Unsloth's start-up stages and their fallbacks, the effective trainer arguments, the first-minutes report
+# ==================================================================================================
+
+# The stages of the Unsloth/vLLM path, in order, and what a failure at each does (issue 9). Once ``import unsloth``
+# ran, TRL is patched for the whole process and a second standby vLLM engine cannot start in it, so a fallback
+# either goes on in this process without vLLM or stops at once, in the first minutes, with one line that names
+# the stage and the change to make:
+#   import      auto: go on with trl (Unsloth patched nothing); unsloth: stop, set BACKEND = "trl".
+#   patch       stop: Unsloth half-patched the process; set BACKEND = "trl" and restart the runtime.
+#   load, engine, generate: Unsloth's from_pretrained(fast_inference=True), the vLLM engine it starts, and one
+#               probe generation. Go on with Unsloth without fast inference and the project's rollouts
+#               (rollout "static") once the GPU memory is free again; stop (restart, ROLLOUT = "static") when it
+#               is not, or when rollout "vllm" was asked for. Loading without fast inference failing: stop,
+#               set BACKEND = "trl" and restart.
+#   trainer     stop: set ROLLOUT = "static" (with vLLM) or BACKEND = "trl", and restart.
+#   first_step  out of memory before the first optimizer step ends (either backend): stop, naming what to lower.
+UNSLOTH_STAGES = ("import", "patch", "load", "engine", "generate", "trainer", "first_step")
+_BACKEND_TRL = 'BACKEND = "trl" (CLI: --backend trl)'
+_ROLLOUT_STATIC = 'ROLLOUT = "static" (CLI: --rollout static)'
+_RESTART = "restart the runtime and run again"
+GIB = 2**30
+# Free GPU memory needed to go on without vLLM after one of its stages failed: the default run peaks at 6.6 GiB
+# reserved without vLLM (BENCHMARKS.md, "## Training", 4x4 layout).
+NO_VLLM_MIN_FREE_GIB = 7.0
+COLAB_SESSION_HOURS = 12.0  # the longest Colab session; free sessions often end sooner
+MEASURED_STEP = 2  # step 1 includes the warm-up (graph capture, compilation); step 2 is the steady pace
+# Trainer arguments that differ between any two runs (paths, names): not compared between backends.
+RUN_SPECIFIC_ARGUMENTS = ("output_dir", "logging_dir", "run_name")
+# The libraries the report prints (run_config.json records all of runtime.library_versions()).
+REPORTED_VERSIONS = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "vllm")
+
+
+class StageFailure(runtime.ConfigError):
+    """Training stopped at a known stage of its start (``UNSLOTH_STAGES``); the message is one line: the stage,
+    the error and the fix. A ``ConfigError``, so the CLI prints just that line."""
+
+    def __init__(self, stage: str, why: str, fix: str):
+        self.stage, self.why, self.fix = stage, why, fix
+        super().__init__(f"training stopped at stage '{stage}': {why}. Fix: {fix}.")
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _trl_patched_by_unsloth() -> bool:
+    """Whether Unsloth replaced TRL's GRPOTrainer in this process (then plain TRL cannot run here any more)."""
+    trl = sys.modules.get("trl")
+    return trl is not None and "Unsloth" in getattr(getattr(trl, "GRPOTrainer", None), "__name__", "")
+
+
+def backend_after_unsloth_failure(requested: str, stage: str, why: str, trl_patched: bool) -> tuple[str, str]:
+    """(backend, reason) after Unsloth failed at ``stage`` (``import`` or ``patch``), or ``StageFailure``: only
+    ``auto`` after an import that patched nothing goes on, with ``trl``. ``trl_patched``: whether Unsloth replaced
+    TRL's trainer in this process anyway (then only a restart gives plain TRL back)."""
+    if stage == "import" and not trl_patched:
+        if requested == "auto":
+            return "trl", f"Unsloth not used: {why}"
+        raise StageFailure(stage, why, f"set {_BACKEND_TRL} and run again")
+    raise StageFailure(stage, why, f"set {_BACKEND_TRL}, {_RESTART}")
+
+
+def _vllm_may_run(config: TrainConfig) -> bool:
+    """Whether vLLM could generate this run's rollouts (installed, a CUDA GPU, a real model, a rollout setting
+    that allows it): decides Unsloth's standby mode, which must be set before unsloth is imported."""
+    return config.rollout in ("auto", "vllm") and _vllm_problem(config) is None
+
+
+def _with_static_rollout(config: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(config, rollout="static")
+
+
+def _raised_in_vllm(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it chains) was raised inside vLLM or Unsloth's vLLM loader, judged from the
+    frames of its traceback: the engine start, as opposed to loading the weights."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frame = error.__traceback__
+        while frame is not None:
+            module = str(frame.tb_frame.f_globals.get("__name__", ""))
+            if module == "vllm" or module.startswith("vllm.") or frame.tb_frame.f_code.co_name == "load_vllm":
+                return True
+            frame = frame.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return (any(kind.__name__ == "OutOfMemoryError" for kind in type(error).__mro__)
+            or "out of memory" in str(error).lower())
+
+
+def free_gpu_gib() -> float | None:
+    """Free memory of the current CUDA GPU in GiB, after dropping unreferenced objects and PyTorch's cached
+    blocks; None without a GPU."""
+    import gc
+
+    gc.collect()
+    if not runtime.has_cuda():
+        return None
+    import torch
+
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0] / GIB
+
+
+def _probe_generation(model: Any) -> None:
+    """One short generation through Unsloth's vLLM engine, so that the attention backend, FlashInfer and the
+    sampler fail here, in the first minutes, and not in the first training step."""
+    outputs = model.fast_generate(["1 + 1 ="], use_tqdm=False)
+    if len(outputs) != 1 or not hasattr(outputs[0], "outputs"):
+        raise RuntimeError(f"vLLM answered one prompt with {outputs!r}")
+
+
+def engine_memory_share(model: Any) -> float | None:
+    """The GPU memory share Unsloth's vLLM engine runs with (``gpu_memory_utilization`` of vLLM's cache config;
+    Unsloth's standby mode moves it to a tier of its own, unsloth_zoo 2026.10.9 vllm_utils.py, load_vllm); None
+    when it cannot be read."""
+    engine = getattr(model, "vllm_engine", None)
+    for path in (("llm_engine", "vllm_config", "cache_config"), ("llm_engine", "cache_config"), ()):
+        holder = engine
+        for name in path:
+            holder = getattr(holder, name, None)
+        share = getattr(holder, "gpu_memory_utilization", None)
+        if isinstance(share, (int, float)):
+            return float(share)
+    return None
+
+
+def vllm_failure_note(stage: str, why: str, free_gib: float | None) -> str:
+    """The line that says Unsloth goes on without vLLM after its ``stage`` failed; ``StageFailure`` instead when
+    less than ``NO_VLLM_MIN_FREE_GIB`` of GPU memory came free (``free_gib``; None without a GPU)."""
+    if free_gib is not None and free_gib < NO_VLLM_MIN_FREE_GIB:
+        raise StageFailure(stage, f"{why}; afterwards only {free_gib:.1f} GiB of GPU memory were free (going on "
+                           f"without vLLM needs {NO_VLLM_MIN_FREE_GIB:g})", f"set {_ROLLOUT_STATIC}, {_RESTART}")
+    return (f"Unsloth's vLLM failed at stage '{stage}' ({why}): going on with Unsloth without fast inference and "
+            "the project's rollouts ('static')")
+
+
+@dataclass
+class UnslothStart:
+    """What ``start_unsloth`` built: the model and tokenizer, the repo Unsloth loaded, whether vLLM generates,
+    the configuration to train (rollout "static" after a vLLM stage failed) and one line per fallback taken."""
+
+    model: Any
+    tokenizer: Any
+    model_repo: str
+    fast_inference: bool
+    config: TrainConfig
+    notes: list[str] = field(default_factory=list)
+    vllm_memory_share: float | None = None  # what the engine took (standby moves it), None without vLLM
+
+
+def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
+                  out: Callable[[str], None] | None = None) -> UnslothStart:
+    """Load the model through Unsloth (imported and patched already, ``resolve_backend``), stage by stage.
+
+    With ``fast_inference`` the stages are ``load`` (``from_pretrained(fast_inference=True)``), ``engine`` (the
+    vLLM engine it starts; told apart from ``load`` by the traceback) and ``generate`` (one probe generation). A
+    failure there falls back to Unsloth without fast inference and rollout "static", once the GPU memory is free
+    again (``NO_VLLM_MIN_FREE_GIB``); ``StageFailure`` otherwise, and when rollout "vllm" was asked for. Loading
+    without fast inference failing is a ``StageFailure`` at ``load``."""
+    out = out or (lambda text: print(text, flush=True))
+    notes: list[str] = []
+    if fast_inference:
+        stage, why = "load", ""
+        try:
+            model, tokenizer, repo = _load_unsloth_model(config, precision, fast_inference=True)
+            stage = "generate"
+            _probe_generation(model)
+            return UnslothStart(model, tokenizer, repo, True, config, notes, engine_memory_share(model))
+        except Exception as error:
+            stage = "engine" if stage == "load" and _raised_in_vllm(error) else stage
+            why = _why(error)
+            if config.rollout == "vllm":
+                raise StageFailure(stage, why, f"set {_ROLLOUT_STATIC}, {_RESTART}") from error
+            error.__traceback__ = None  # its frames hold the model and the engine: let them go
+        model = tokenizer = None  # the half-started engine's memory must be freed before reloading
+        note = vllm_failure_note(stage, why, free_gpu_gib())
+        out(note)
+        notes.append(note)
+        config = _with_static_rollout(config)
+    try:
+        model, tokenizer, repo = _load_unsloth_model(config, precision, fast_inference=False)
+    except Exception as error:
+        raise StageFailure("load", _why(error), f"set {_BACKEND_TRL}, {_RESTART}") from error
+    return UnslothStart(model, tokenizer, repo, False, config, notes)
+
+
+def trainer_failure(error: BaseException, backend: str, use_vllm: bool) -> StageFailure | None:
+    """The one-line stop for a trainer that could not be built: vLLM's engine failing inside it (TRL colocate;
+    stage ``engine``), or Unsloth's trainer (stage ``trainer``); None for other errors of the ``trl`` backend."""
+    if use_vllm and _raised_in_vllm(error):
+        return StageFailure("engine", _why(error), f"set {_ROLLOUT_STATIC}, {_RESTART}")
+    if backend != "unsloth":
+        return None
+    return StageFailure("trainer", _why(error), f"set {_ROLLOUT_STATIC if use_vllm else _BACKEND_TRL}, {_RESTART}")
+
+
+def first_step_failure(error: BaseException, steps_done: int, config: TrainConfig,
+                       use_vllm: bool) -> StageFailure | None:
+    """The one-line stop for an error before this session's first optimizer step ended: out of memory (stage
+    ``first_step``), or an error inside vLLM's first generation (stage ``generate``); None for anything else (a
+    bug keeps its traceback) and for any error after the first step."""
+    if steps_done > 0:
+        return None
+    if _is_out_of_memory(error):
+        if use_vllm:
+            fix = f"set {_ROLLOUT_STATIC}: vLLM's share of the GPU memory then goes to training"
+        elif config.per_device_train_batch_size > 1:
+            half = config.per_device_train_batch_size // 2
+            twice = config.steps_per_generation * config.per_device_train_batch_size // half
+            fix = (f"pass per_device_train_batch_size={half}, steps_per_generation={twice} to TrainConfig (CLI: "
+                   f"--per-device-train-batch-size {half} --steps-per-generation {twice}): the same completions a "
+                   "step, in smaller micro-batches")
+        else:
+            fix = "lower max_completion_length (CLI: --max-completion-length)"
+        return StageFailure("first_step", f"out of memory ({_why(error)})", f"{fix}; {_RESTART}")
+    if use_vllm and _raised_in_vllm(error):
+        return StageFailure("generate", _why(error), f"set {_ROLLOUT_STATIC}, {_RESTART}")
+    return None
+
+
+def effective_arguments(trainer: Any) -> dict[str, Any]:
+    """The trainer's arguments after every rewrite (TRL's and transformers' ``__post_init__``; Unsloth's config
+    defaults and trainer), as JSON values: ``trainer.args.to_dict()``."""
+    return _jsonable(trainer.args.to_dict())
+
+
+def compare_arguments(first: dict[str, Any], second: dict[str, Any],
+                      ignore: Sequence[str] = RUN_SPECIFIC_ARGUMENTS) -> dict[str, Any]:
+    """How two sets of trainer arguments differ, compared as JSON values: ``different`` maps each argument both
+    have with different values to ``[first, second]``; ``only_first``/``only_second`` list the arguments one
+    side lacks (e.g. Unsloth's own fields). ``ignore``: arguments expected to differ (paths, names)."""
+    first, second = _jsonable(first), _jsonable(second)
+    shared = sorted((set(first) & set(second)) - set(ignore))
+    return {"different": {name: [first[name], second[name]] for name in shared if first[name] != second[name]},
+            "only_first": sorted(set(first) - set(second) - set(ignore)),
+            "only_second": sorted(set(second) - set(first) - set(ignore))}
+
+
+def stack_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = runtime.library_versions()
+    try:
+        versions["unsloth_zoo"] = metadata.version("unsloth_zoo")
+    except metadata.PackageNotFoundError:
+        pass
+    return {name: version for name, version in versions.items() if version}
+
+
+def gpu_status() -> dict[str, Any]:
+    """The GPU, its compute capability and its memory now (total, free, held by PyTorch), in GiB; Nones on the CPU."""
+    if not runtime.has_cuda():
+        return {"gpu": None, "compute_capability": None, "memory_total_gib": None, "memory_free_gib": None,
+                "memory_allocated_gib": None}
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    major, minor = runtime.cuda_capability() or (0, 0)
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "memory_total_gib": round(total / GIB, 2), "memory_free_gib": round(free / GIB, 2),
+            "memory_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 2)}
+
+
+def precision_reason(requested: str, precision: str, capability: tuple[int, int] | None) -> str:
+    """Why the run trains in ``precision``: asked for, or chosen from the GPU (``runtime.default_precision``)."""
+    if requested != "auto":
+        return "requested"
+    if capability is None:
+        return "no CUDA GPU"
+    where = f"compute capability {capability[0]}.{capability[1]}"
+    if precision == "bf16":
+        return f"{where} >= 8.0: bf16 in hardware"
+    return f"{where} < 8.0: no bf16 in hardware"
+
+
+def project_run(seconds_per_step: float, steps_left: int, session_hours: float = COLAB_SESSION_HOURS) -> dict[str, Any]:
+    """The rest of the run at the measured pace: hours = seconds a step x steps left / 3600, against a Colab
+    session of at most ``session_hours``."""
+    hours = seconds_per_step * steps_left / 3600
+    return {"seconds_per_step": round(seconds_per_step, 2), "steps_left": steps_left,
+            "projected_hours": round(hours, 2), "session_hours": session_hours, "fits_session": hours <= session_hours}
+
+
+def first_minutes_fields(config: TrainConfig, backend: tuple[str, str], precision: str, rollout: tuple[str, str],
+                         model_effective: str, notes: Sequence[str], t4_environment: dict[str, str],
+                         vllm_memory_share: float | None = None) -> dict[str, Any]:
+    """The run-start fields of the first-minutes report (``format_first_minutes``) before the GPU is measured."""
+    return {
+        "backend": backend[0], "backend_reason": backend[1], "rollout": rollout[0], "rollout_reason": rollout[1],
+        "vllm_memory_share": vllm_memory_share,
+        "precision": precision, "precision_reason": precision_reason(config.precision, precision,
+                                                                      runtime.cuda_capability()),
+        "model": config.model, "model_effective": model_effective, "versions": stack_versions(),
+        "t4_vllm_environment": dict(t4_environment), "fallbacks": list(notes),
+        "save_steps": config.save_steps, "save_to_drive": config.save_to_drive, "colab": runtime.in_colab(),
+    }
+
+
+def session_advice(fields: dict[str, Any]) -> str:
+    """Whether the rest of the run fits a Colab session, with the resume advice when it does not."""
+    session = f"a Colab session lasts at most {fields['session_hours']:g} h, often less"
+    if fields["fits_session"]:
+        return f"fits ({session})"
+    where = "on Google Drive" if fields.get("save_to_drive") else "in the run folder"
+    advice = (f"more than one session ({session}). Checkpoints every {fields.get('save_steps')} steps {where}; "
+              "after a disconnect run all cells again (or the same command) to resume")
+    if fields.get("colab") and not fields.get("save_to_drive"):
+        advice += "; set SAVE_TO_DRIVE = True first: a disconnect loses the runtime's disk"
+    return advice
+
+
+def format_step_time(fields: dict[str, Any]) -> str:
+    """The report's timing line: the measured seconds a step and the rest of the run against a Colab session
+    (``session_advice``), or a note that it follows after step ``MEASURED_STEP``."""
+    if fields.get("seconds_per_step") is None:
+        return f"Step time  measured after step {MEASURED_STEP}, with the projection against a Colab session"
+    warm_up = fields.get("first_step_seconds")
+    measured = f"step {fields['measured_step']}" + (
+        f"; step 1 with warm-up: {warm_up:.1f} s" if warm_up is not None and fields["measured_step"] != 1 else "")
+    return (f"Step time  {fields['seconds_per_step']:.1f} s a step ({measured}) -> {fields['steps_left']} steps "
+            f"left ≈ {fields['projected_hours']:.1f} h: {session_advice(fields)}")
+
+
+def format_first_minutes(fields: dict[str, Any]) -> str:
+    """The compact block printed when training begins: GPU and free memory, precision, backend and rollout
+    generator (each with its reason), model, versions, T4 settings, fallbacks, steps, and the timing line."""
+    if fields.get("gpu"):
+        gpu = (f"{fields['gpu']}, compute capability {fields['compute_capability']}; "
+               f"{fields['memory_free_gib']:.1f} of {fields['memory_total_gib']:.1f} GiB free")
+    else:
+        gpu = "none (CPU)"
+    model = fields.get("model")
+    effective = fields.get("model_effective")
+    lines = [
+        "── Run start " + "─" * 60,
+        f"GPU        {gpu}",
+        f"Precision  {fields.get('precision')} ({fields.get('precision_reason')})",
+        f"Backend    {fields.get('backend')} ({fields.get('backend_reason')})",
+        f"Rollouts   {fields.get('rollout')} ({fields.get('rollout_reason')})",
+        f"Model      {model}" + ("" if effective in (None, model) else f" (Unsloth loaded {effective})"),
+        "Versions   " + " · ".join(f"{name} {version}" for name, version in (fields.get("versions") or {}).items()
+                                   if name in REPORTED_VERSIONS),
+    ]
+    if fields.get("vllm_memory_share") is not None:
+        lines.append(f"vLLM       {fields['vllm_memory_share']:g} of the GPU memory")
+    if fields.get("t4_vllm_environment"):
+        settings = " ".join(f"{name}={value}" for name, value in fields["t4_vllm_environment"].items())
+        lines.append(f"T4 vLLM    {settings} (unverified on a T4)")
+    lines += [f"Fallback   {note}" for note in fields.get("fallbacks") or []]
+    if fields.get("total_steps") is not None:
+        start = fields.get("start_step") or 0
+        lines.append(f"Steps      {fields['total_steps']}" + (f", resuming after step {start}" if start else ""))
+    lines += [format_step_time(fields), "─" * 72]
+    return "\n".join(lines)
+
+
+def _wandb_run() -> Any:
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+class FirstMinutesReport:
+    """The first minutes of a run tell the user everything: ``format_first_minutes`` is printed when training
+    begins, and the timing line once step ``MEASURED_STEP`` (or this session's only step) has ended. The fields
+    go to ``record_path`` (the run's ``run_config.json``, key ``first_minutes``) and to W&B (config
+    ``first_minutes``; the timing also in the summary). ``callback()`` is the trainer callback that drives it."""
+
+    def __init__(self, fields: dict[str, Any], record_path: str | os.PathLike | None = None,
+                 out: Callable[[str], None] | None = None):
+        self.fields = dict(fields)
+        self.record_path = Path(record_path) if record_path is not None else None
+        self.out = out or (lambda text: print(text, flush=True))
+        self.steps_done = 0  # optimizer steps ended in this session
+        self._marks: list[float] = []
+
+    def train_begin(self, global_step: int, max_steps: int, main_process: bool = True) -> None:
+        self._marks = [time.perf_counter()]
+        self.fields.update(gpu_status())
+        self.fields.update({"start_step": global_step, "total_steps": max_steps})
+        if main_process:
+            self.out(format_first_minutes(self.fields))
+            self._publish(summary=False)
+
+    def step_end(self, global_step: int, max_steps: int, main_process: bool = True) -> None:
+        self._marks.append(time.perf_counter())
+        self.steps_done += 1
+        last = global_step >= max_steps
+        if self.fields.get("seconds_per_step") is not None or not (self.steps_done == MEASURED_STEP or last):
+            return
+        durations = [b - a for a, b in zip(self._marks, self._marks[1:])]
+        self.fields.update(project_run(durations[-1], max(0, max_steps - global_step)))
+        self.fields.update({"measured_step": self.steps_done, "first_step_seconds": round(durations[0], 2)})
+        self.fields["advice"] = session_advice(self.fields)
+        if main_process:
+            self.out(format_step_time(self.fields))
+            self._publish(summary=True)
+
+    def _publish(self, summary: bool) -> None:
+        if self.record_path is not None and self.record_path.is_file():
+            record = json.loads(self.record_path.read_text(encoding="utf-8"))
+            record["first_minutes"] = self.fields
+            _write_json(self.record_path, record)
+        run = _wandb_run()
+        if run is not None:
+            run.config.update({"first_minutes": _jsonable(self.fields)}, allow_val_change=True)
+            if summary:
+                run.summary.update({name: self.fields[name] for name in
+                                    ("seconds_per_step", "projected_hours", "fits_session", "first_step_seconds")})
+
+    def callback(self) -> Any:
+        """A ``transformers.TrainerCallback`` that calls ``train_begin``/``step_end``."""
+        from transformers import TrainerCallback
+
+        report = self
+
+        class FirstMinutesCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                report.train_begin(state.global_step, state.max_steps, state.is_world_process_zero)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                report.step_end(state.global_step, state.max_steps, state.is_world_process_zero)
+
+        return FirstMinutesCallback()
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -890,9 +1368,6 @@ def check_rollout(config: TrainConfig) -> None:
     """One-line errors for a rollout choice that cannot run (part of ``check_config``; loads nothing)."""
     if config.rollout not in ROLLOUTS:
         raise ValueError(f"rollout must be one of {ROLLOUTS}, got {config.rollout!r}")
-    if config.backend == "unsloth" and config.rollout in ("static", "generate"):
-        raise ValueError(f"rollout={config.rollout!r} needs backend 'trl' or 'auto': Unsloth generates through its "
-                         "vLLM fast inference only")
     if "use_vllm" in config.grpo_overrides:
         raise ValueError(f"grpo_overrides may not set use_vllm: choose the generator with rollout (one of {ROLLOUTS})")
 
@@ -917,26 +1392,21 @@ def _vllm_problem(config: TrainConfig) -> str | None:
 def resolve_rollout(config: TrainConfig, backend: str) -> tuple[str, str]:
     """(generator, reason): how this run generates its rollouts, given the resolved ``backend``.
 
-    ``vllm``: TRL's colocate mode (``trl``) or Unsloth's fast inference (``unsloth``, always vLLM); ``static``:
+    ``vllm``: TRL's colocate mode (``trl``) or Unsloth's fast inference (``unsloth``); ``static``:
     ``decoding.RolloutDecoder`` inside ``trainer_class``; ``generate``: TRL's plain ``model.generate``. ``auto``
     takes vLLM when it is installed and imports, otherwise ``static``, and the reason says why.
     """
     check_rollout(config)
-    if backend == "unsloth":
-        if config.rollout in ("static", "generate"):
-            raise ValueError(f"rollout={config.rollout!r} needs backend 'trl': Unsloth generates through its vLLM "
-                             "fast inference only")
-        return "vllm", "Unsloth's fast inference"
     if config.rollout in ("static", "generate"):
         return config.rollout, "requested"
     problem = _vllm_problem(config)
     if config.rollout == "vllm":
         if problem:
             raise RuntimeError(f"rollout='vllm' is not available: {problem}. Use rollout='static' or 'auto'.")
-        return "vllm", "requested (TRL colocate)"
+        return "vllm", "requested" + (" (Unsloth's fast inference)" if backend == "unsloth" else " (TRL colocate)")
     if problem:
         return "static", f"vLLM not used: {problem}"
-    return "vllm", "vLLM installed (TRL colocate)"
+    return "vllm", "Unsloth's fast inference" if backend == "unsloth" else "vLLM installed (TRL colocate)"
 
 
 def startup_line(config: TrainConfig, backend: str, backend_reason: str, rollout: str, rollout_reason: str,
@@ -1461,11 +1931,15 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
     checkpoints_dir = output_dir / "checkpoints"
     saved_run = _read_json(output_dir / "run_config.json") or {}
     saved = saved_run.get("config") or {}
+    record = _finished_record(output_dir)
+    resume_from, skipped = find_checkpoint(checkpoints_dir)
+    if record is None and resume_from is None:
+        # Nothing trained here to resume or mix with (e.g. a start that stopped in its first minutes, whose one-line
+        # fix changes the backend or the micro-batches): the run starts afresh with the settings given now.
+        saved = {}
     _check_same_run(output_dir, config, saved)
     if config.resume and config.max_steps is None and saved.get("max_steps") is not None:
         config = dataclasses.replace(config, max_steps=saved["max_steps"])  # the run's plan, unless asked for more
-    record = _finished_record(output_dir)
-    resume_from, skipped = find_checkpoint(checkpoints_dir)
     if not config.resume and (record is not None or resume_from is not None or skipped):
         raise runtime.ConfigError(f"{output_dir} already holds a run and resume=False; choose another folder, "
                                   "delete it, or resume")
@@ -1500,10 +1974,9 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
                                                              for name, (old, new) in changes.items()), flush=True)
 
     runtime.import_wandb_early()
-    if config.backend == "auto" and config.rollout in ("static", "generate"):  # Unsloth generates with vLLM only
-        backend, reason = "trl", f"rollout {config.rollout!r} runs on trl"
-    else:
-        backend, reason = resolve_backend(config.backend)  # imports unsloth first when it is used
+    t4_environment = runtime.t4_vllm_environment()  # before unsloth or vllm is imported: FlashInfer off below cc 8.0
+    # Imports unsloth first when it is used; stops here, with one line, when Unsloth fails half-way.
+    backend, reason = resolve_backend(config.backend, use_vllm=_vllm_may_run(config))
     rollout, rollout_reason = resolve_rollout(config, backend)
     precision = resolve_precision(config.precision)
     rank = runtime.rank()
@@ -1540,9 +2013,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
                   f" (sync later: wandb sync {output_dir}/wandb/offline-run-*)"), flush=True)
     use_vllm = rollout == "vllm"
     peft_config = None
-    if backend == "unsloth":
-        share = config.vllm_gpu_memory_utilization or 0.6
-        model, trainer_tokenizer = _load_unsloth_model(config, share)
+    model_effective, notes, vllm_share = config.model, [], None
+    if backend == "unsloth":  # stage by stage; without vLLM (absent, or failed to start) fast_inference=False
+        started = start_unsloth(config, precision, fast_inference=use_vllm)
+        model, trainer_tokenizer, model_effective = started.model, started.tokenizer, started.model_repo
+        use_vllm, config, notes = started.fast_inference, started.config, started.notes
+        vllm_share = started.vllm_memory_share
+        if rollout == "vllm" and not use_vllm:  # fast inference failed: Unsloth goes on with the project's decoder
+            rollout, rollout_reason = "static", notes[0] if notes else "Unsloth's fast inference did not start"
     else:
         model, peft_config = _load_trl_model(config, tokenizer, precision)
         trainer_tokenizer = tokenizer
@@ -1553,24 +2031,48 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
     monitor = RewardMonitor(config.num_generations, config.max_completion_length, live_view=config.live_view,
                             batches_file=output_dir / "batches.jsonl")
     reward_funcs = monitor.wrap(rewards.reward_functions(config.method, **reward_params(config)))
-    args = GRPOConfig(**grpo_arguments(config, checkpoints_dir, backend, precision, use_vllm,
-                                       run_name=config.resolved_folder()))
+    arguments = grpo_arguments(config, checkpoints_dir, backend, precision, use_vllm,
+                               run_name=config.resolved_folder())
+    args = GRPOConfig(**arguments)
+    if use_vllm and backend == "trl":
+        vllm_share = arguments["vllm_gpu_memory_utilization"]
+    report = FirstMinutesReport(
+        first_minutes_fields(config, (backend, reason), precision,
+                             (rollout, rollout_reason),
+                             model_effective, notes, t4_environment, vllm_share),
+        record_path=output_dir / "run_config.json" if rank == 0 else None)
     session = _start_session(output_dir, start_step) if rank == 0 else {"session": 0, "start_step": start_step}
     keeper = _run_keeper(output_dir, session, config.save_total_limit, resume_from)
     # PEFT draws the LoRA weights inside GRPOTrainer(), before the trainer seeds anything: seed here, so that the
     # same seed gives the same adapter (and, on the CPU, the same run).
     set_seed(config.seed)
-    trainer = trainer_class(GRPOTrainer)(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                                         processing_class=trainer_tokenizer, peft_config=peft_config,
-                                         callbacks=[keeper, *(callbacks or [])], rollout=rollout,
-                                         merge_adapter=config.rollout_merge_adapter, profile=config.profile_steps)
+    try:
+        trainer = trainer_class(GRPOTrainer)(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+            processing_class=trainer_tokenizer, peft_config=peft_config,
+            callbacks=[keeper, *(callbacks or []), report.callback()], rollout=rollout,
+            merge_adapter=config.rollout_merge_adapter, profile=config.profile_steps)
+    except Exception as error:
+        failure = trainer_failure(error, backend, use_vllm)
+        if failure is None:
+            raise
+        raise failure from error
     monitor.attach(trainer)
     keeper.trainer = trainer
+    # What the run really trains with, after Unsloth's rewrites: compare_arguments of two runs' records.
+    effective = effective_arguments(trainer)
+    run_record = {"model_effective": model_effective, "effective_args": effective,
+                  "rewritten_args": compare_arguments(arguments, effective)["different"],
+                  "first_minutes": report.fields}
 
     run = {"config": dataclasses.asdict(config), "backend": backend, "backend_reason": reason, "rollout": rollout,
            "rollout_reason": rollout_reason, "precision": precision, "num_processes": runtime.world_size(),
-           "use_vllm": use_vllm}
+           "use_vllm": use_vllm, **run_record}
     if rank == 0:
+        if backend == "unsloth" and run_record["rewritten_args"]:
+            print("Unsloth changed trainer arguments: " + ", ".join(
+                f"{name} {passed!r} -> {now!r}" for name, (passed, now) in run_record["rewritten_args"].items()),
+                flush=True)
         last = (saved_run.get("sessions") or [{}])[-1]
         for key in ("backend", "rollout", "precision"):
             if last.get(key) not in (None, run[key]):
@@ -1599,6 +2101,11 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
             print(f"Interrupted at step {trainer.state.global_step}: "
                   + (f"emergency checkpoint {saved_checkpoint}" if saved_checkpoint else "checkpoints kept")
                   + f" in {checkpoints_dir}; run again to resume.", flush=True)
+            raise
+        except Exception as error:  # known first-step failures stop with one line (Colab path section)
+            failure = first_step_failure(error, report.steps_done, config, use_vllm)
+            if failure is not None:
+                raise failure from error
             raise
         keeper.critical = True  # from here a stop signal waits until the adapter and the records are saved
         if keeper.signal is not None and trainer.state.global_step < trainer.state.max_steps:
@@ -1643,6 +2150,9 @@ def _finish_wandb(config: TrainConfig) -> None:
 
     if wandb.run is not None:
         wandb.finish()
+    # wandb reads WANDB_DIR and WANDB_RUN_ID once per process (its setup singleton): without a teardown the next
+    # run's files and id would be this run's.
+    wandb.teardown()
 
 
 # --------------------------------------------------------------------------------------------------

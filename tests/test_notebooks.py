@@ -211,6 +211,7 @@ def _check_outputs(path: str, printed: str, workdir: Path) -> None:
                       "eval/eval_summary.json", "eval/eval_results.jsonl", "eval/length_histogram.png"):
             assert (run_dir / saved).is_file(), saved
         assert any(mark in printed for mark in "✔★✗"), "the live view printed no completion"
+        assert "── Run start" in printed and "Step time  " in printed, "no first-minutes report"
         assert "Accuracy:" in printed
     elif "/Eval_" in path:
         assert "Accuracy:" in printed

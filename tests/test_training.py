@@ -6,6 +6,7 @@ questions; the two-process test launches this file under ``torchrun`` (gloo) as 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -178,8 +179,9 @@ def test_auto_backend_on_cpu_falls_back_with_a_reason():
     if training.runtime.has_cuda():
         pytest.skip("CPU-only behaviour")
     assert training.resolve_backend("auto") == ("trl", "Unsloth not used: no CUDA GPU")
-    with pytest.raises(RuntimeError, match=r"unsloth.*no CUDA GPU"):
-        training.resolve_backend("unsloth")
+    if importlib.util.find_spec("unsloth") is None:  # asked for by name, Unsloth's import decides: one line
+        with pytest.raises(training.StageFailure, match=r"stage 'import': Unsloth did not import.*--backend trl"):
+            training.resolve_backend("unsloth")
 
 
 def test_grpo_arguments_one_generation_per_optimizer_step(tmp_path):
@@ -215,6 +217,7 @@ def test_cli_smoke_run(tmp_path, monkeypatch, tokenizer_dir, gsm8k_dir):
     # The run's first line: smoke mode, and which rollout generator runs and why.
     assert result.stdout.splitlines()[0].startswith("Smoke mode (no CUDA GPU): rollouts static (vLLM not used: ")
     assert "── step 2: 8 completions in 2 groups" in result.stdout
+    assert "── Run start" in result.stdout and "s a step (step 2" in result.stdout  # the first-minutes report
     run = tmp_path / "outputs" / "Baseline-smoke"
     adapter = run / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "run_config.json"):
