@@ -783,6 +783,8 @@ def resolve_backend(requested: str, use_vllm: bool = True) -> tuple[str, str]:
         return "trl", "requested"
     if requested == "auto" and not runtime.has_cuda():
         return "trl", "Unsloth not used: no CUDA GPU"
+    if requested == "auto" and not use_vllm:  # trl with the project's decoder is faster than Unsloth's generate
+        return "trl", "Unsloth not used: without vLLM the project's decoder on trl generates faster"
     problem = _unsloth_problem(use_vllm)
     if problem is None:
         return "unsloth", "requested" if requested == "unsloth" else "Unsloth imported and patched TRL"
@@ -933,15 +935,15 @@ def grpo_arguments(config: TrainConfig, checkpoints_dir: str | os.PathLike, back
 #   import      auto: go on with trl (Unsloth patched nothing); unsloth: stop, set BACKEND = "trl".
 #   patch       stop: Unsloth half-patched the process; set BACKEND = "trl" and restart the runtime.
 #   load, engine, generate: Unsloth's from_pretrained(fast_inference=True), the vLLM engine it starts, and one
-#               probe generation. Go on with Unsloth without fast inference and the project's rollouts
-#               (rollout "static") once the GPU memory is free again; stop (restart, ROLLOUT = "static") when it
+#               probe generation. Go on with Unsloth without fast inference, generating with its own generate
+#               (rollout "generate"), once the GPU memory is free again; stop (restart, ROLLOUT = "static") when it
 #               is not, or when rollout "vllm" was asked for. Loading without fast inference failing: stop,
 #               set BACKEND = "trl" and restart.
 #   trainer     stop: set ROLLOUT = "static" (with vLLM) or BACKEND = "trl", and restart.
 #   first_step  out of memory before the first optimizer step ends (either backend): stop, naming what to lower.
 UNSLOTH_STAGES = ("import", "patch", "load", "engine", "generate", "trainer", "first_step")
 _BACKEND_TRL = 'BACKEND = "trl" (CLI: --backend trl)'
-_ROLLOUT_STATIC = 'ROLLOUT = "static" (CLI: --rollout static)'
+_ROLLOUT_STATIC = 'ROLLOUT = "static" with BACKEND = "auto" (CLI: --rollout static; it trains on trl)'
 _RESTART = "restart the runtime and run again"
 GIB = 2**30
 # Free GPU memory needed to go on without vLLM after one of its stages failed: the default run peaks at 6.6 GiB
@@ -991,8 +993,9 @@ def _vllm_may_run(config: TrainConfig) -> bool:
     return config.rollout in ("auto", "vllm") and _vllm_problem(config) is None
 
 
-def _with_static_rollout(config: TrainConfig) -> TrainConfig:
-    return dataclasses.replace(config, rollout="static")
+def _with_generate_rollout(config: TrainConfig) -> TrainConfig:
+    # Unsloth patches Qwen2's attention, which the project's decoder cannot drive: its own generate takes over.
+    return dataclasses.replace(config, rollout="generate")
 
 
 def _raised_in_vllm(error: BaseException | None) -> bool:
@@ -1066,7 +1069,7 @@ def vllm_failure_note(stage: str, why: str, free_gib: float | None) -> str:
 @dataclass
 class UnslothStart:
     """What ``start_unsloth`` built: the model and tokenizer, the repo Unsloth loaded, whether vLLM generates,
-    the configuration to train (rollout "static" after a vLLM stage failed) and one line per fallback taken."""
+    the configuration to train (rollout "generate" after a vLLM stage failed) and one line per fallback taken."""
 
     model: Any
     tokenizer: Any
@@ -1083,9 +1086,9 @@ def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
 
     With ``fast_inference`` the stages are ``load`` (``from_pretrained(fast_inference=True)``), ``engine`` (the
     vLLM engine it starts; told apart from ``load`` by the traceback) and ``generate`` (one probe generation). A
-    failure there falls back to Unsloth without fast inference and rollout "static", once the GPU memory is free
-    again (``NO_VLLM_MIN_FREE_GIB``); ``StageFailure`` otherwise, and when rollout "vllm" was asked for. Loading
-    without fast inference failing is a ``StageFailure`` at ``load``."""
+    failure there falls back to Unsloth without fast inference and rollout "generate" (Unsloth's own generation),
+    once the GPU memory is free again (``NO_VLLM_MIN_FREE_GIB``); ``StageFailure`` otherwise, and when rollout "vllm"
+    was asked for. Loading without fast inference failing is a ``StageFailure`` at ``load``."""
     out = out or (lambda text: print(text, flush=True))
     notes: list[str] = []
     if fast_inference:
@@ -1105,7 +1108,7 @@ def start_unsloth(config: TrainConfig, precision: str, fast_inference: bool,
         note = vllm_failure_note(stage, why, free_gpu_gib())
         out(note)
         notes.append(note)
-        config = _with_static_rollout(config)
+        config = _with_generate_rollout(config)
     try:
         model, tokenizer, repo = _load_unsloth_model(config, precision, fast_inference=False)
     except Exception as error:
@@ -1368,6 +1371,9 @@ def check_rollout(config: TrainConfig) -> None:
     """One-line errors for a rollout choice that cannot run (part of ``check_config``; loads nothing)."""
     if config.rollout not in ROLLOUTS:
         raise ValueError(f"rollout must be one of {ROLLOUTS}, got {config.rollout!r}")
+    if config.backend == "unsloth" and config.rollout == "static":
+        raise ValueError("rollout='static' needs backend 'trl' or 'auto': Unsloth patches the model's attention, "
+                         "which the project's decoder cannot drive (Unsloth without vLLM uses rollout 'generate')")
     if "use_vllm" in config.grpo_overrides:
         raise ValueError(f"grpo_overrides may not set use_vllm: choose the generator with rollout (one of {ROLLOUTS})")
 
@@ -1404,6 +1410,8 @@ def resolve_rollout(config: TrainConfig, backend: str) -> tuple[str, str]:
         if problem:
             raise RuntimeError(f"rollout='vllm' is not available: {problem}. Use rollout='static' or 'auto'.")
         return "vllm", "requested" + (" (Unsloth's fast inference)" if backend == "unsloth" else " (TRL colocate)")
+    if problem and backend == "unsloth":  # its patched attention bypasses the interface the decoder drives
+        return "generate", f"vLLM not used: {problem}; Unsloth generates itself"
     if problem:
         return "static", f"vLLM not used: {problem}"
     return "vllm", "Unsloth's fast inference" if backend == "unsloth" else "vLLM installed (TRL colocate)"
@@ -2020,7 +2028,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
         use_vllm, config, notes = started.fast_inference, started.config, started.notes
         vllm_share = started.vllm_memory_share
         if rollout == "vllm" and not use_vllm:  # fast inference failed: Unsloth goes on with the project's decoder
-            rollout, rollout_reason = "static", notes[0] if notes else "Unsloth's fast inference did not start"
+            rollout, rollout_reason = "generate", notes[0] if notes else "Unsloth's fast inference did not start"
     else:
         model, peft_config = _load_trl_model(config, tokenizer, precision)
         trainer_tokenizer = tokenizer

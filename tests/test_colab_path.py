@@ -164,7 +164,7 @@ def test_a_vllm_stage_that_fails_goes_on_without_fast_inference(standin, stage, 
     assert lines == started.notes and len(lines) == 1
     assert f"failed at stage '{stage}'" in lines[0] and "without fast inference" in lines[0]
     if HAS_ROLLOUT:
-        assert started.config.rollout == "static"
+        assert started.config.rollout == "generate"
 
 
 def test_vllm_that_starts_and_generates_is_kept(standin, tmp_path, tokenizer_dir):
