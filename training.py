@@ -35,20 +35,20 @@ step 2 the seconds a step and the projected hours against a Colab session.
 Rollouts (``rollout``; the run's first line names the generator and why)
     ``vllm``     TRL's vLLM colocate mode (``trl``) or Unsloth's fast inference (``unsloth``).
     ``static``   ``decoding.RolloutDecoder``: a static KV cache and CUDA graphs, the LoRA adapter merged on CUDA
-                 (``trainer_class``); the fallback wherever vLLM is not installed (``trl`` backend only).
-    ``generate`` TRL's plain transformers ``generate``.
-    ``auto``     vLLM when it is installed and imports, else ``static``.
+                 (``trainer_class``); the fallback wherever vLLM is not installed (``trl`` backend only: Unsloth
+                 patches the attention the decoder drives).
+    ``generate`` TRL's plain transformers ``generate`` (Unsloth's own generate on the ``unsloth`` backend).
+    ``auto``     vLLM when it is installed and imports, else ``static`` (``generate`` on ``unsloth``).
 
 What a run costs (defaults: 4000 questions x 8 completions = 32,000 completions = 2000 optimizer steps of 16
-completions = 2 whole groups, at most 512 completion tokens). Measured (BENCHMARKS.md "## Training") on an H200 capped
-at 15 GiB with a 0.5B-shaped random model whose completions all run to 512 tokens (the worst case): the default
-layout (4 completions per micro-batch x 4 micro-batches) peaks at 4.7 GiB allocated / 6.6 GiB reserved and, with
-transformers generation, takes 26-35 s a step, i.e. 15-20 h for 2000 steps on an H200 and far longer on a T4. So a
-full run needs vLLM generation: the ``unsloth`` backend (the notebooks' choice on Colab) or ``trl`` with vLLM
-colocate. With vLLM, expect roughly 10-20 s a step on a T4, 6-11 h in all (an estimate, not a T4 measurement): one
-free Colab session at best, often two; running again resumes from the last checkpoint (``save_steps=50``) with the
-same data order. Disk: ~106 MB a checkpoint (adapter + AdamW state), ~4.2 GB for all 40 (``save_total_limit`` keeps
-fewer). Two GPUs (``accelerate launch``) double the completions per step at about the same step time.
+completions = 2 whole groups, at most 512 completion tokens). Measured (BENCHMARKS.md) on an H100 capped at 15 GiB
+with a 0.5B-shaped random model whose completions all run to 512 tokens (the worst case), default layout (4
+completions per micro-batch x 4 micro-batches): rollouts ``static`` 3.6 s a step (2.2 s generating), 4.9 GiB peak
+allocated, 2 h for 2000 steps; transformers ``generate`` 31 s a step (17 h). On a T4 the estimate (a cost model, not a
+measurement) is 4-7.5 s a step worst case and 2-3.5 s at realistic lengths: 1-4 h, one Colab session; running again
+resumes from the last checkpoint (``save_steps=50``) with the same data order. Disk: ~106 MB a checkpoint (adapter +
+AdamW state), ~4.2 GB for all 40 (``save_total_limit`` keeps fewer). Two GPUs (``accelerate launch``) double the
+completions per step at about the same step time.
 
 Outputs (``output_dir`` = ``runtime.run_dir(method, save_to_drive, smoke, folder)``, i.e. ``outputs/<folder>`` or
 Google Drive ``MyDrive/length-rl/<folder>``; the folder of a study method is ``runtime.METHOD_FOLDERS``'s)::

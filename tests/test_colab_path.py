@@ -26,14 +26,7 @@ import training  # noqa: E402
 HAS_ROLLOUT = hasattr(training.TrainConfig(), "rollout")
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 class StandIn:

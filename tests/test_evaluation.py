@@ -32,32 +32,6 @@ import runtime
 # ---------------------------------------------------------------------------------------------------------
 
 
-def lively(model):
-    """Re-draw a tiny model's weights (seeded, larger scale) so greedy continuations vary token to token."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                scale = 1.0 if "embed" in name else 0.3
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def lively_model(tokenizer):
-    return lively(runtime.build_tiny_qwen2(tokenizer, seed=0))
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer, gsm8k_dir):
-    """Real chat-template prompts of the first 7 test questions (different lengths, so padding matters)."""
-    questions = data.load_gsm8k("test", gsm8k_dir)["question"][:7]
-    texts = [data.render_prompt(tokenizer, data.prompt_messages(q)) for q in questions]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert len({len(p) for p in ids}) > 3
-    return ids
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reports (the numbers are metrics.py's, tested in test_metrics.py)
 # ---------------------------------------------------------------------------------------------------------

@@ -30,15 +30,7 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
 PARITY = "parity"
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The tiny model's many small ops run several times faster on one thread (no OpenMP hand-offs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # Set by a test: raise this signal while the rewards of that step are computed (mid-step, during generation).

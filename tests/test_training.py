@@ -22,16 +22,7 @@ sys.path.insert(0, str(REPO))
 import rewards  # noqa: E402
 import training  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The tiny model's many small ops run several times faster on one thread (no OpenMP hand-offs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _env(**extra: str) -> dict[str, str]:
