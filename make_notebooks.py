@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 # The project's modules, lowest layer first (tests/test_architecture.py checks that no module imports a later one);
 # decoding.py is optional until it exists.
-SHARED_MODULES = ("runtime", "rewards", "data", "analysis", "budgets", "metrics", "decoding", "evaluation", "training",
-                  "results")
+SHARED_MODULES = ("runtime", "rewards", "data", "analysis", "budgets", "metrics", "decoding", "evaluation", "config",
+                  "rollouts", "backends", "training", "results")
 # Installed on Colab by the notebooks that only tokenize and plot (no torch needed).
 LIGHT_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "datasets")
 

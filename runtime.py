@@ -576,3 +576,22 @@ def dataclass_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]
         elif value is not None:
             values[spec.name] = value
     return values
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (anything else as its ``str``), for run records."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically (a disconnect never leaves half a file)."""
+    import json
+
+    return write_atomic(path, json.dumps(jsonable(payload), indent=2))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (empty messages included), short enough for one printed line."""
+    return (str(error).splitlines() or [""])[0][:160]

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import training  # noqa: E402  (imports wandb before torch, see training.import_wandb_early)
+import training  # noqa: E402  (imports wandb before torch, see runtime.import_wandb_early)
 
 
 def convert(gguf_file: str, folder: str) -> None:

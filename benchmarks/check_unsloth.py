@@ -71,13 +71,14 @@ def run_backend(args: argparse.Namespace, backend: str) -> tuple[dict, object]:
     metrics found in its log history, or the one-line stop (``StageFailure``) and its stage."""
     import shutil
 
+    import backends
     import training
 
     shutil.rmtree(Path(args.work) / backend, ignore_errors=True)
     started = time.perf_counter()
     try:
         result = training.train(train_config(args, backend))
-    except training.StageFailure as stop:
+    except backends.StageFailure as stop:
         return {"backend": backend, "ok": False, "stopped": str(stop), "stage": stop.stage,
                 "seconds": time.perf_counter() - started}, None
     run_config = json.loads((result.adapter_dir / "run_config.json").read_text(encoding="utf-8"))
@@ -145,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench_train import cap_memory
 
         cap_memory(args.memory_gib)
+    import backends
     import training
 
     record, result = run_backend(args, args.backend)
-    summary: dict = {"versions": training.stack_versions(), "gpu": training.gpu_status(), "arguments": vars(args),
+    summary: dict = {"versions": backends.stack_versions(), "gpu": backends.gpu_status(), "arguments": vars(args),
                      args.backend: record}
     if args.backend == "unsloth" and result is not None:
         summary["eval_from_disk"] = evaluate(args, result, from_disk=True)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 STANDINS = Path(__file__).resolve().parent / "standins"
 sys.path.insert(0, str(REPO))
 
+import backends  # noqa: E402
 import runtime  # noqa: E402
 import training  # noqa: E402
 
@@ -95,15 +96,15 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def test_import_and_patch_failures_decide_the_backend():
-    assert training.backend_after_unsloth_failure("auto", "import", "no GPU", trl_patched=False) == (
+    assert backends.backend_after_unsloth_failure("auto", "import", "no GPU", trl_patched=False) == (
         "trl", "Unsloth not used: no GPU")
-    with pytest.raises(training.StageFailure, match="stage 'import'") as stopped:
-        training.backend_after_unsloth_failure("unsloth", "import", "no GPU", trl_patched=False)
+    with pytest.raises(backends.StageFailure, match="stage 'import'") as stopped:
+        backends.backend_after_unsloth_failure("unsloth", "import", "no GPU", trl_patched=False)
     assert 'BACKEND = "trl"' in one_line(stopped) and "restart" not in one_line(stopped)
     # Unsloth half-ran: TRL is patched for the whole process, so only a restart gives plain TRL back.
     for requested, stage, patched in (("auto", "import", True), ("auto", "patch", False), ("unsloth", "patch", True)):
-        with pytest.raises(training.StageFailure, match=f"stage '{stage}'") as stopped:
-            training.backend_after_unsloth_failure(requested, stage, "boom", trl_patched=patched)
+        with pytest.raises(backends.StageFailure, match=f"stage '{stage}'") as stopped:
+            backends.backend_after_unsloth_failure(requested, stage, "boom", trl_patched=patched)
         assert 'BACKEND = "trl"' in one_line(stopped) and "restart the runtime" in one_line(stopped)
     if not runtime.has_cuda():
         assert training.resolve_backend("auto") == ("trl", "Unsloth not used: no CUDA GPU")
@@ -111,7 +112,7 @@ def test_import_and_patch_failures_decide_the_backend():
 
 def test_unsloth_that_does_not_import_stops_with_one_line(standin):
     standin("import")
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.resolve_backend("unsloth", use_vllm=False)
     message = one_line(stopped)
     assert "stage 'import'" in message and "stand-in: Unsloth cannot find a supported GPU" in message
@@ -123,7 +124,7 @@ def test_unsloth_that_does_not_patch_trl_stops_with_one_line(standin):
 
     original = trl.GRPOTrainer
     standin("patch")
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.resolve_backend("unsloth", use_vllm=True)
     message = one_line(stopped)
     assert "stage 'patch'" in message and "did not patch TRL's GRPOTrainer" in message
@@ -173,17 +174,17 @@ def test_vllm_that_starts_and_generates_is_kept(standin, tmp_path, tokenizer_dir
 def test_loading_without_vllm_that_fails_stops(standin, tmp_path, tokenizer_dir):
     standin("load_any")
     training.resolve_backend("unsloth", use_vllm=False)
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.start_unsloth(tiny_config(tmp_path), "fp32", fast_inference=False)
     assert "stage 'load'" in one_line(stopped) and 'BACKEND = "trl"' in one_line(stopped)
 
 
 def test_going_on_without_vllm_needs_the_memory_back():
-    note = training.vllm_failure_note("engine", "RuntimeError: x", free_gib=None)
+    note = backends.vllm_failure_note("engine", "RuntimeError: x", free_gib=None)
     assert note.startswith("Unsloth's vLLM failed at stage 'engine' (RuntimeError: x)")
-    assert training.vllm_failure_note("engine", "x", free_gib=training.NO_VLLM_MIN_FREE_GIB)
-    with pytest.raises(training.StageFailure, match=r"only 3\.0 GiB") as stopped:
-        training.vllm_failure_note("generate", "RuntimeError: x", free_gib=3.0)
+    assert backends.vllm_failure_note("engine", "x", free_gib=backends.NO_VLLM_MIN_FREE_GIB)
+    with pytest.raises(backends.StageFailure, match=r"only 3\.0 GiB") as stopped:
+        backends.vllm_failure_note("generate", "RuntimeError: x", free_gib=3.0)
     assert "stage 'generate'" in one_line(stopped) and 'ROLLOUT = "static"' in one_line(stopped)
 
 
@@ -191,7 +192,7 @@ def test_going_on_without_vllm_needs_the_memory_back():
 def test_rollout_vllm_asked_for_stops_instead(standin, tmp_path, tokenizer_dir):
     standin("engine")
     training.resolve_backend("unsloth")
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.start_unsloth(tiny_config(tmp_path, rollout="vllm"), "fp32", fast_inference=True)
     assert "stage 'engine'" in one_line(stopped) and 'ROLLOUT = "static"' in one_line(stopped)
 
@@ -202,7 +203,7 @@ def test_rollout_vllm_asked_for_stops_instead(standin, tmp_path, tokenizer_dir):
 
 def test_a_trainer_that_cannot_be_built_stops_with_one_line(standin, tmp_path, tokenizer_dir, gsm8k_dir):
     standin("trainer")
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.train(tiny_config(tmp_path))
     message = one_line(stopped)
     assert "stage 'trainer'" in message and "could not compile its GRPO loss" in message
@@ -226,7 +227,7 @@ def test_a_vllm_engine_failing_inside_trls_trainer_stops_with_one_line(standin):
 def test_out_of_memory_at_the_first_step_stops_with_the_setting_to_lower(standin, tmp_path, tokenizer_dir,
                                                                          gsm8k_dir, capsys):
     standin("first_step")
-    with pytest.raises(training.StageFailure) as stopped:
+    with pytest.raises(backends.StageFailure) as stopped:
         training.train(tiny_config(tmp_path))
     message = one_line(stopped)
     assert "stage 'first_step'" in message and "out of memory" in message
@@ -335,12 +336,12 @@ def test_pinned_arguments_make_the_backends_agree(standin, precision, tmp_path, 
         assert comparison["different"] == {}, (precision, use_vllm)
 
     unpinned = {name: value for name, value in training.grpo_arguments(config, tmp_path, "unsloth", precision, False)
-                .items() if name not in training.PINNED_ARGUMENTS}
+                .items() if name not in backends.PINNED_ARGUMENTS}
     del model.vllm_engine
     args = unsloth.UnslothGRPOConfig(**unpinned)
     unsloth.trainer_rewrites(args, model)
     trl_args = TRLConfig(**{n: v for n, v in training.grpo_arguments(config, tmp_path, "trl", precision, False)
-                            .items() if n not in training.PINNED_ARGUMENTS}).to_dict()
+                            .items() if n not in backends.PINNED_ARGUMENTS}).to_dict()
     different = training.compare_arguments(trl_args, args.to_dict())["different"]
     assert different["weight_decay"] == [0.0, 0.001]
     assert {"torch_empty_cache_steps", "logging_nan_inf_filter", "vllm_mode", "eval_accumulation_steps"} <= set(
@@ -360,7 +361,7 @@ def test_compare_arguments_ignores_paths_and_lists_one_sided_fields():
 
 T4_FIELDS = {
     "gpu": "Tesla T4", "compute_capability": "7.5", "memory_total_gib": 14.74, "memory_free_gib": 3.2,
-    "precision": "fp16", "precision_reason": training.precision_reason("auto", "fp16", (7, 5)),
+    "precision": "fp16", "precision_reason": backends.precision_reason("auto", "fp16", (7, 5)),
     "backend": "unsloth", "backend_reason": "Unsloth imported and patched TRL",
     "rollout": "vllm", "rollout_reason": "Unsloth's fast inference started",
     "model": runtime.MODEL_ID, "model_effective": runtime.MODEL_ID,
@@ -372,14 +373,14 @@ T4_FIELDS = {
 
 
 def test_precision_reasons():
-    assert training.precision_reason("auto", "fp16", (7, 5)) == "compute capability 7.5 < 8.0: no bf16 in hardware"
-    assert training.precision_reason("auto", "bf16", (9, 0)) == "compute capability 9.0 >= 8.0: bf16 in hardware"
-    assert training.precision_reason("auto", "fp32", None) == "no CUDA GPU"
-    assert training.precision_reason("fp16", "fp16", (9, 0)) == "requested"
+    assert backends.precision_reason("auto", "fp16", (7, 5)) == "compute capability 7.5 < 8.0: no bf16 in hardware"
+    assert backends.precision_reason("auto", "bf16", (9, 0)) == "compute capability 9.0 >= 8.0: bf16 in hardware"
+    assert backends.precision_reason("auto", "fp32", None) == "no CUDA GPU"
+    assert backends.precision_reason("fp16", "fp16", (9, 0)) == "requested"
 
 
 def test_first_minutes_block_before_and_after_the_measurement():
-    block = training.format_first_minutes(T4_FIELDS)
+    block = backends.format_first_minutes(T4_FIELDS)
     lines = block.splitlines()
     assert lines[1] == "GPU        Tesla T4, compute capability 7.5; 3.2 of 14.7 GiB free"
     assert "Precision  fp16 (compute capability 7.5 < 8.0: no bf16 in hardware)" in lines
@@ -390,16 +391,16 @@ def test_first_minutes_block_before_and_after_the_measurement():
     assert "Steps      2000" in lines and lines[-2].startswith("Step time  measured after step 2")
 
     # 2000 steps at 30 s: 16.7 h, more than a 12 h session.
-    slow = {**T4_FIELDS, **training.project_run(30.0, 1998), "measured_step": 2, "first_step_seconds": 95.0}
+    slow = {**T4_FIELDS, **backends.project_run(30.0, 1998), "measured_step": 2, "first_step_seconds": 95.0}
     assert slow["projected_hours"] == pytest.approx(1998 * 30 / 3600, abs=0.01) and slow["fits_session"] is False
-    line = training.format_step_time(slow)
+    line = backends.format_step_time(slow)
     assert line.startswith("Step time  30.0 s a step (step 2; step 1 with warm-up: 95.0 s) -> 1998 steps left ≈ "
                            "16.6 h: more than one session")
     assert "run all cells again" in line and "SAVE_TO_DRIVE = True" in line
-    on_drive = training.format_step_time({**slow, "save_to_drive": True})
+    on_drive = backends.format_step_time({**slow, "save_to_drive": True})
     assert "on Google Drive" in on_drive and "SAVE_TO_DRIVE" not in on_drive
-    fast = {**T4_FIELDS, **training.project_run(12.0, 1998), "measured_step": 2, "first_step_seconds": 60.0}
-    assert fast["fits_session"] is True and training.format_step_time(fast).endswith(
+    fast = {**T4_FIELDS, **backends.project_run(12.0, 1998), "measured_step": 2, "first_step_seconds": 60.0}
+    assert fast["fits_session"] is True and backends.format_step_time(fast).endswith(
         "≈ 6.7 h: fits (a Colab session lasts at most 12 h, often less)")
 
 

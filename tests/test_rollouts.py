@@ -16,6 +16,7 @@ from test_decoding import lively
 
 import data
 import rewards
+import rollouts
 import runtime
 import training
 
@@ -79,15 +80,15 @@ def test_static_settings_are_what_grpo_config_asks():
     generation = GenerationConfig(max_new_tokens=512, do_sample=True, pad_token_id=151643, bos_token_id=None,
                                   eos_token_id=151645, temperature=0.9, top_p=0.95, top_k=None, min_p=0.05,
                                   repetition_penalty=1.0, cache_implementation=None)
-    settings = training.static_rollout_settings(generation)
+    settings = rollouts.static_rollout_settings(generation)
     assert (settings.method, settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k,
             settings.min_p) == ("static", 512, 0.9, 0.95, None, 0.05)
     assert (settings.eos_token_ids, settings.pad_token_id) == ((151645,), 151643)
     generation.do_sample = False
-    assert training.static_rollout_settings(generation).greedy
+    assert rollouts.static_rollout_settings(generation).greedy
     generation.repetition_penalty = 1.05  # e.g. through generation_kwargs: the decoder cannot apply it
     with pytest.raises(ValueError, match=r"cannot honour generation setting.*repetition_penalty"):
-        training.static_rollout_settings(generation)
+        rollouts.static_rollout_settings(generation)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import backends  # noqa: E402
 import rewards  # noqa: E402
+import runtime  # noqa: E402
 import training  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -171,7 +173,7 @@ def test_auto_backend_on_cpu_falls_back_with_a_reason():
         pytest.skip("CPU-only behaviour")
     assert training.resolve_backend("auto") == ("trl", "Unsloth not used: no CUDA GPU")
     if importlib.util.find_spec("unsloth") is None:  # asked for by name, Unsloth's import decides: one line
-        with pytest.raises(training.StageFailure, match=r"stage 'import': Unsloth did not import.*--backend trl"):
+        with pytest.raises(backends.StageFailure, match=r"stage 'import': Unsloth did not import.*--backend trl"):
             training.resolve_backend("unsloth")
 
 
@@ -399,7 +401,9 @@ def test_new_registry_method_trains_the_adapter_with_gradient_checkpointing(tmp_
 
 def _distributed_worker(out: Path) -> None:
     """Run by torchrun: shard a synthetic batch exactly as GRPOTrainer does, then one real GRPO step."""
-    training.runtime.import_wandb_early()  # before torch/transformers: a much faster import (see runtime.py)
+    import runtime
+
+    runtime.import_wandb_early()  # before torch/transformers: a much faster import (see runtime.py)
     import torch.distributed as dist
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -407,7 +411,6 @@ def _distributed_worker(out: Path) -> None:
     from trl.trainer.utils import RepeatSampler
 
     import data
-    import runtime
 
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
@@ -485,5 +488,5 @@ def test_grpo_overrides_cannot_bypass_the_whole_group_check():
 
 
 def test_an_unsloth_error_without_a_message_still_gives_one_line():
-    assert training._first_line(AssertionError()) == ""
-    assert training._first_line(ImportError("no GPU\ntraceback details")) == "no GPU"
+    assert runtime.first_line(AssertionError()) == ""
+    assert runtime.first_line(ImportError("no GPU\ntraceback details")) == "no GPU"
