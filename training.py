@@ -11,9 +11,11 @@ One builder serves the four training notebooks, the command line and multi-GPU r
     python training.py                                          # no GPU: the CPU smoke configuration
     accelerate launch --config_file configs/accelerate_2gpu.yaml training.py --method group
 
-This module holds the run's configuration and its checks, the live view and ``RewardMonitor`` (the step's numbers
-are ``metrics.batch_metrics``), checkpoint records, the backends, the ``train`` flow, the curves and the CLI; the
-evaluation after training is ``evaluation.evaluate_run``.
+This module holds the run's checks, the live view and ``RewardMonitor`` (the step's numbers are
+``metrics.batch_metrics``), checkpoints and run records, the ``train`` flow, the curves and the CLI. The settings
+are ``config.TrainConfig`` (re-exported here), the rollout generator and the one ``GRPOTrainer`` subclass are in
+``rollouts.py``, the backends with Unsloth's stages and the first-minutes report in ``backends.py``; the evaluation
+after training is ``evaluation.evaluate_run``.
 
 A method is one entry of ``rewards.METHODS``: ``lam`` reaches the method's length rewards and
 ``reward_params`` reaches any other keyword a reward function takes (e.g. a literature method's own
@@ -26,11 +28,11 @@ Backends
     ``trl``      transformers + PEFT LoRA + TRL's GRPOTrainer, rollouts from vLLM or the project's decoder.
     ``auto``     Unsloth on CUDA when it imports and patches TRL cleanly, else ``trl`` (one line says why).
 Both backends pass the same trainer arguments, including those whose defaults Unsloth rewrites
-(``PINNED_ARGUMENTS``); ``run_config.json`` records the effective ones and the model repo really loaded. Every
-stage of Unsloth's start (``UNSLOTH_STAGES``) has a defined fallback: go on without vLLM, or stop in the first
+(``backends.PINNED_ARGUMENTS``); ``run_config.json`` records the effective ones and the model repo really loaded. Every
+stage of Unsloth's start (``backends.UNSLOTH_STAGES``) has a defined fallback: go on without vLLM, or stop in the first
 minutes with one line naming the stage and the change (``StageFailure``). When training begins, a first-minutes
-block (``format_first_minutes``) says which GPU, precision, backend and rollout generator run and why, and after
-step 2 the seconds a step and the projected hours against a Colab session.
+block (``backends.format_first_minutes``) says which GPU, precision, backend and rollout generator run and why,
+and after step 2 the seconds a step and the projected hours against a Colab session.
 
 Rollouts (``rollout``; the run's first line names the generator and why)
     ``vllm``     TRL's vLLM colocate mode (``trl``) or Unsloth's fast inference (``unsloth``).
