@@ -75,8 +75,6 @@ def resolve_precision(precision: str) -> str:
     return runtime.default_precision() if precision == "auto" else precision
 
 
-
-
 def load_trl_model(config: TrainConfig, tokenizer, precision: str):
     """(model, peft_config) for TRL: the base model (tiny random for smoke runs) and a LoRA config."""
     from peft import LoraConfig
@@ -341,8 +339,8 @@ def vllm_failure_note(stage: str, why: str, free_gib: float | None) -> str:
     if free_gib is not None and free_gib < NO_VLLM_MIN_FREE_GIB:
         raise StageFailure(stage, f"{why}; afterwards only {free_gib:.1f} GiB of GPU memory were free (going on "
                            f"without vLLM needs {NO_VLLM_MIN_FREE_GIB:g})", f"set {_ROLLOUT_STATIC}, {_RESTART}")
-    return (f"Unsloth's vLLM failed at stage '{stage}' ({why}): going on with Unsloth without fast inference and "
-            "the project's rollouts ('static')")
+    return (f"Unsloth's vLLM failed at stage '{stage}' ({why}): going on with Unsloth without fast inference, "
+            "generating with Unsloth's own generate (rollout 'generate')")
 
 
 @dataclass
@@ -448,14 +446,8 @@ def compare_arguments(first: dict[str, Any], second: dict[str, Any],
 
 
 def stack_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = runtime.library_versions()
-    try:
-        versions["unsloth_zoo"] = metadata.version("unsloth_zoo")
-    except metadata.PackageNotFoundError:
-        pass
-    return {name: version for name, version in versions.items() if version}
+    """The installed versions of ``runtime.library_versions``, absent libraries left out."""
+    return {name: version for name, version in runtime.library_versions().items() if version}
 
 
 def gpu_status() -> dict[str, Any]:

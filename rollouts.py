@@ -58,7 +58,8 @@ def resolve_rollout(config: TrainConfig, backend: str) -> tuple[str, str]:
 
     ``vllm``: TRL's colocate mode (``trl``) or Unsloth's fast inference (``unsloth``); ``static``:
     ``decoding.RolloutDecoder`` inside ``trainer_class``; ``generate``: TRL's plain ``model.generate``. ``auto``
-    takes vLLM when it is installed and imports, otherwise ``static``, and the reason says why.
+    takes vLLM when it is installed and imports, otherwise ``static`` (``generate`` on ``unsloth``, whose patched
+    attention the decoder cannot drive), and the reason says why.
     """
     check_rollout(config)
     if config.rollout in ("static", "generate"):

@@ -48,7 +48,8 @@ def library_versions() -> dict[str, str | None]:
     from importlib import metadata
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "vllm", "unsloth", "numpy"):
+    for package in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "vllm", "unsloth", "unsloth_zoo",
+                    "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

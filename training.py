@@ -399,6 +399,11 @@ def _format_number(value: float | None) -> str | None:
 # Checkpoints, run records
 # --------------------------------------------------------------------------------------------------
 
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer's state saved in a checkpoint (``trainer_state.json``: step, max steps, log history)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+
+
 def _checkpoint_step(path: Path) -> int | None:
     suffix = path.name.split("-", 1)[1] if "-" in path.name else ""
     return int(suffix) if suffix.isdigit() else None
@@ -424,7 +429,7 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
         if path.stat().st_size != size:
             return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} when saved)"
     try:
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        state = _trainer_state(folder)
     except (OSError, ValueError):
         return "trainer_state.json is missing or not valid JSON"
     if state.get("global_step") != _checkpoint_step(folder):
@@ -459,8 +464,8 @@ def mark_checkpoint_complete(checkpoint: str | os.PathLike) -> Path:
     folder = Path(checkpoint)
     files = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
              if path.is_file() and path.name != CHECKPOINT_MARKER and not path.name.endswith(".tmp")}
-    return runtime.write_atomic(folder / CHECKPOINT_MARKER, json.dumps(
-        {"step": _checkpoint_step(folder), "files": files, "written": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    return runtime.write_json(folder / CHECKPOINT_MARKER, {"step": _checkpoint_step(folder), "files": files,
+                                                           "written": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def _rotate_checkpoints(checkpoints_dir: Path, keep: int | None) -> None:
@@ -802,7 +807,7 @@ def _finish_from_checkpoint(output_dir: Path, checkpoint: Path, config: TrainCon
     """The run trained its last step but was stopped before saving the adapter: the last checkpoint holds the
     trained adapter and tokenizer, so copy them into adapter/ (nothing is trained again)."""
     adapter_dir = output_dir / "adapter"
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    state = _trainer_state(checkpoint)
     run = _read_json(output_dir / "run_config.json") or {"config": dataclasses.asdict(config)}
     result = TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, train_seconds=0.0,
                          log_history=state["log_history"], resumed_from=str(checkpoint),
@@ -918,7 +923,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Any] | None, smoke_reason: s
                                       "to train it further from; choose another folder")
         print(f"{output_dir} holds a run finished at step {done}: training it further to step {target}.", flush=True)
     elif resume_from is not None:
-        planned = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps")
+        planned = _trainer_state(resume_from).get("max_steps")
         target = config.max_steps if config.max_steps is not None else planned
     if resume_from is not None and target is not None:
         if start_step > target:
@@ -1142,7 +1147,7 @@ def load_log_history(log_history_or_run_dir: Sequence[dict[str, Any]] | str | os
     checkpoint = latest_checkpoint(folder / "checkpoints") or latest_checkpoint(folder)
     if checkpoint is None:
         raise FileNotFoundError(f"{folder} has neither log_history.json nor a complete checkpoint")
-    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    return _trainer_state(checkpoint)["log_history"]
 
 
 def plot_training_curves(log_history_or_run_dir: Sequence[dict[str, Any]] | str | os.PathLike,

@@ -92,3 +92,15 @@ def prompts(tokenizer, gsm8k_dir):
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert len({len(p) for p in ids}) > 3
     return ids
+
+
+def interrupt_at(step: int):
+    """A real trainer callback that raises KeyboardInterrupt at the end of an optimizer step (like Ctrl-C)."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return Interrupt()

@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from conftest import interrupt_at  # noqa: E402
+
 import rewards  # noqa: E402
 import runtime  # noqa: E402
 import training  # noqa: E402
@@ -65,18 +67,6 @@ def config_for(run: Path, **overrides) -> training.TrainConfig:
                     learning_rate=1e-3, warmup_ratio=0.0, output_dir=str(run))
     settings.update(overrides)
     return training.TrainConfig(**settings)
-
-
-def _interrupt_at(step: int):
-    """A trainer callback raising KeyboardInterrupt at the end of an optimizer step."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise KeyboardInterrupt
-
-    return Interrupt()
 
 
 def _signal_in_optimizer_step(step: int, signum: int):
@@ -196,7 +186,7 @@ def test_resuming_with_a_changed_setting_is_a_one_line_error(tmp_path, capsys, t
             "--precision", "fp32", "--no-gradient-checkpointing", "--report-to", "none", "--no-live-view", "--no-eval"]
     config = training.config_from_args(training.build_parser().parse_args(argv))
     with pytest.raises(KeyboardInterrupt):
-        training.train(config, callbacks=[_interrupt_at(1)])
+        training.train(config, callbacks=[interrupt_at(1)])
     capsys.readouterr()
 
     # The issue's cases: each a one-line error naming the field, the saved and the new value; nothing trained.
@@ -232,7 +222,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys,
     run = tmp_path / "run"
     config = config_for(run, max_steps=3, save_total_limit=2)
     with pytest.raises(KeyboardInterrupt):
-        training.train(config, callbacks=[_interrupt_at(2)])
+        training.train(config, callbacks=[interrupt_at(2)])
     checkpoints = run / "checkpoints"
     for step in (1, 2):  # regular and emergency saves alike end with the marker, listing every file
         marker = json.loads((checkpoints / f"checkpoint-{step}" / training.CHECKPOINT_MARKER).read_text())

@@ -19,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from conftest import interrupt_at  # noqa: E402
+
 import backends  # noqa: E402
 import rewards  # noqa: E402
 import runtime  # noqa: E402
@@ -268,18 +270,6 @@ def test_length_methods_train(tmp_path, method, tokenizer_dir, gsm8k_dir):
     assert record["config"]["method"] == method and record["config"]["lam"] == 0.5
 
 
-def _interrupt_at(step: int):
-    """A real trainer callback that raises KeyboardInterrupt at the end of an optimizer step (like Ctrl-C)."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise KeyboardInterrupt
-
-    return Interrupt()
-
-
 def _expected_question_order(config: training.TrainConfig, tokenizer) -> list[list[int]]:
     """Question ids of each step's generation batch, straight from TRL's seeded sampler (independent of training.py)."""
     from trl.trainer.utils import RepeatSampler
@@ -301,7 +291,7 @@ def test_interrupt_keeps_checkpoints_and_rerun_resumes_in_order(tmp_path, tokeni
     config = tiny_config(tmp_path, method="group", max_steps=3, save_steps=1)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        training.train(config, callbacks=[_interrupt_at(2)])
+        training.train(config, callbacks=[interrupt_at(2)])
     checkpoints = run / "checkpoints"
     # checkpoint-1 from the regular schedule, checkpoint-2 the emergency save (the interrupt came before it).
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
